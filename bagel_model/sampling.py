@@ -1,0 +1,93 @@
+"""Rectified-flow sampling as pure functions: the time schedule, the CFG window, the guidance combination.
+
+Convention (official): x_t = (1 - t) x_0 + t * noise, t = 1 is pure noise, the network predicts
+v = noise - x_0, and an Euler step is x <- x - v * dt. The denoise loop lives in `tasks.py` and only
+consumes these functions; nothing here knows about the model, PIL or files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """Sampler knobs with the official text-to-image defaults (notebook: cfg_img_scale 1.0)."""
+
+    num_steps: int = 50
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    timestep_shift: float = 3.0
+    renorm_type: str = "global"
+    renorm_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
+        if self.num_steps < 2:
+            raise ValueError(
+                f"steps must be at least 2 (got {self.num_steps}): the last time, 0, is never evaluated"
+            )
+        if self.renorm_type not in RENORM_TYPES:
+            raise ValueError(
+                f"renorm type {self.renorm_type!r} is unknown; choose one of {', '.join(RENORM_TYPES)}"
+            )
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must satisfy 0 <= start <= end <= 1, got [{lo}, {hi}]")
+        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
+            raise ValueError("CFG scales must not be negative")
+
+
+EDIT_SETTINGS = FlowSettings(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), renorm_type="text_channel")
+T2I_SETTINGS = FlowSettings()
+
+
+def schedule(num_steps: int, shift: float) -> tuple[list[float], list[float]]:
+    """The evaluated times (num_steps - 1 of them, from 1 down, 0 excluded) and the Euler step sizes.
+
+    Returned as Python floats: the loop needs them on the host to decide CFG, and computing them once here
+    keeps device syncs out of the loop."""
+    t = torch.linspace(1, 0, num_steps)
+    t = shift * t / (1 + (shift - 1) * t)
+    return t[:-1].tolist(), (t[:-1] - t[1:]).tolist()
+
+
+def cfg_active(t: float, interval: tuple[float, float]) -> bool:
+    """Guidance applies on the half-open window (start, end] of the shifted time."""
+    return interval[0] < t <= interval[1]
+
+
+def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, minimum: float) -> torch.Tensor:
+    """Shrink `guided` so its norm does not exceed the conditional prediction's (never grows it)."""
+    if per_token:
+        ref, new = reference.norm(dim=-1, keepdim=True), guided.norm(dim=-1, keepdim=True)
+    else:
+        ref, new = reference.norm(), guided.norm()
+    return guided * (ref / (new + 1e-8)).clamp(min=minimum, max=1.0)
+
+
+def combine_cfg(
+    v: torch.Tensor,  # (n, c) conditional velocity
+    v_text: torch.Tensor | None,  # without the text prompt
+    v_img: torch.Tensor | None,  # without the images
+    text_scale: float,
+    img_scale: float,
+    renorm_type: str,
+    renorm_min: float,
+) -> torch.Tensor:
+    """Official text/image CFG with renormalisation. Image CFG only acts together with text CFG."""
+    if text_scale <= 1.0:
+        return v
+    u = v_text + text_scale * (v - v_text)
+    if renorm_type == "text_channel":
+        u = _renorm(v, u, per_token=True, minimum=renorm_min)
+        return v_img + img_scale * (u - v_img) if img_scale > 1.0 else u
+    w = v_img + img_scale * (u - v_img) if img_scale > 1.0 else u
+    return _renorm(v, w, per_token=renorm_type == "channel", minimum=renorm_min)

@@ -1,0 +1,387 @@
+"""The five BAGEL tasks over a `Context`: understand, think, generate an image, edit, image sequences.
+
+Each task takes a context (or starts one), does what the official `InterleaveInferencer` does with the
+official per-task defaults, and returns its result with the extended context, so tasks chain. Progress
+and interruption go through one optional `callback`: it is called after each decoded token or denoising
+step, and an exception raised in it (ComfyUI's interrupt, for one) stops the task cleanly — a context is
+only ever replaced, never half-written.
+
+Thinking system prompts are the official strings, byte for byte (BAGEL_REFERENCE §5.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .context import Context, History, image_routing, latent_positions
+from .images import from_tensor, patchify, unpatchify_latent
+from .layers.decoder import KV, Routing
+from .model import BagelModel
+from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings, cfg_active, combine_cfg, schedule
+
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the "
+    "answer. \nThe reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning "
+    "process here </think> answer here"
+)
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here "
+    "</think> image here"
+)
+
+StepCallback = Callable[[int, int, object], None]
+"""callback(step, total, payload): payload is the text so far (decoding) or the current latent tokens."""
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """Decoding knobs; defaults are the official ones (greedy; temperature used only when sampling)."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
+
+
+THINK_TEXT_SETTINGS = TextSettings(max_new_tokens=1024)
+
+
+def _start(model: BagelModel, context: Context | None) -> Context:
+    if context is None:
+        return Context.empty(model)
+    context.check_model(model)
+    return context
+
+
+def _check_prompt(prompt: str, what: str = "prompt") -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"the {what} is empty")
+    return prompt
+
+
+# -- text ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_text(
+    model: BagelModel,
+    history: History,
+    settings: TextSettings,
+    seed: int = 0,
+    callback: StepCallback | None = None,
+) -> str:
+    """Decode after `history`, starting from `<|im_start|>`, until `<|im_end|>` or the token budget.
+
+    The history is not modified: decoding writes into a private buffer sized once for the whole answer,
+    so each token costs one decoder pass and no copy of the cache."""
+    markers = model.tokenizer.markers
+    past = history.kv()
+    n_past = 0 if past is None else past.length
+    ref = model.net.language_model.lm_head.weight
+    layers = model.config.llm.num_hidden_layers
+    kv_shape = (
+        layers,
+        n_past + settings.max_new_tokens,
+        model.config.llm.num_key_value_heads,
+        model.config.llm.head_dim,
+    )
+    buf = KV(ref.new_empty(kv_shape), ref.new_empty(kv_shape))
+    if past is not None:
+        buf.k[:, :n_past] = past.k
+        buf.v[:, :n_past] = past.v
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ids = [markers.bos]
+    length = n_past
+    for step in range(settings.max_new_tokens):
+        token = torch.tensor([ids[-1]], device=model.device)
+        positions = torch.tensor([history.rope + step], device=model.device)
+        prefix = KV(buf.k[:, :length], buf.v[:, :length])
+        hidden, kv = model.net(model.net.embed_text(token), positions, Routing(), prefix, causal=True)
+        buf.k[:, length : length + 1] = kv.k
+        buf.v[:, length : length + 1] = kv.v
+        length += 1
+        logits = model.net.logits(hidden[-1]).float()
+        if settings.do_sample:
+            probs = torch.softmax(logits / settings.temperature, dim=-1).cpu()
+            next_id = int(torch.multinomial(probs, 1, generator=generator))
+        else:
+            next_id = int(logits.argmax())
+        if next_id == markers.eos:
+            break
+        ids.append(next_id)
+        if callback is not None:
+            callback(step + 1, settings.max_new_tokens, model.tokenizer.decode(ids[1:]))
+    # Decode as the official inferencer does: the whole run, then the text after <|im_start|>.
+    text = model.tokenizer.decode(ids)
+    return text.split("<|im_end|>")[0].split("<|im_start|>")[1]
+
+
+def understand(
+    model: BagelModel,
+    question: str,
+    image: Image.Image | None = None,
+    context: Context | None = None,
+    think: bool = False,
+    settings: TextSettings = TextSettings(),
+    seed: int = 0,
+    callback: StepCallback | None = None,
+) -> tuple[str, Context]:
+    """Answer a question (about an image, or the context). The answer joins the returned context as text.
+
+    Official order: [thinking system prompt], image (ViT only), question, then decoding."""
+    ctx = _start(model, context)
+    _check_prompt(question, "question")
+    if think:
+        ctx = ctx.append_system_prompt(VLM_THINK_SYSTEM_PROMPT)
+    if image is not None:
+        ctx = ctx.append_image(image, vae=False, vit=True)
+    ctx = ctx.append_text(question)
+    answer = generate_text(model, ctx.cond, settings, seed, callback)
+    return answer, ctx.append_text(answer) if answer.strip() else ctx
+
+
+def think(
+    model: BagelModel,
+    instruction: str,
+    image: Image.Image | None = None,
+    context: Context | None = None,
+    mode: str = "generate",
+    settings: TextSettings = THINK_TEXT_SETTINGS,
+    seed: int = 0,
+    callback: StepCallback | None = None,
+) -> tuple[str, Context]:
+    """Write a plan before acting. mode "generate": plan an image (then generate or edit from the returned
+    context with no new prompt); mode "answer": reason to an answer. The thought joins the conditional
+    history only, as in the official think mode."""
+    if mode not in ("generate", "answer"):
+        raise ValueError(f"think mode {mode!r} is unknown; choose 'generate' or 'answer'")
+    ctx = _start(model, context)
+    _check_prompt(instruction, "instruction")
+    ctx = ctx.append_system_prompt(GEN_THINK_SYSTEM_PROMPT if mode == "generate" else VLM_THINK_SYSTEM_PROMPT)
+    if image is not None:
+        ctx = ctx.append_image(image, vae=mode == "generate", vit=True)
+    ctx = ctx.append_text(instruction)
+    thought = generate_text(model, ctx.cond, settings, seed, callback)
+    if not thought.strip():
+        return thought, ctx
+    return thought, ctx.append_thought(thought)
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def check_size(model: BagelModel, height: int, width: int) -> None:
+    stride, top = model.config.latent_downsample, model.config.max_image_side
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v < stride or v % stride or v > top:
+            raise ValueError(f"{name} {v} must be a multiple of {stride} between {stride} and {top}")
+
+
+def initial_noise(
+    model: BagelModel, height: int, width: int, seed: int | None, latents: torch.Tensor | None
+) -> torch.Tensor:
+    """Token-major noise (h*w, c) in float32. Drawn on the CPU as officially (`randn(h*w, c)`), so a seed
+    gives the same image on any device; explicit `latents` (z, H/8, W/8) override the seed."""
+    cfg = model.config
+    h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
+    if latents is not None:
+        expected = (cfg.latent_channels, height // cfg.vae.downsample, width // cfg.vae.downsample)
+        if tuple(latents.shape) != expected:
+            raise ValueError(
+                f"latents have shape {list(latents.shape)}, expected {list(expected)} for {height}x{width}"
+            )
+        return patchify(latents.float().cpu(), cfg.latent_patch_size)
+    generator = torch.Generator(device="cpu").manual_seed(seed or 0)
+    return torch.randn(h * w, cfg.patch_latent_dim, generator=generator)
+
+
+@dataclass(frozen=True)
+class _Branch:
+    kv: KV | None
+    rope: int
+
+
+@torch.no_grad()
+def denoise(
+    model: BagelModel,
+    context: Context,
+    height: int,
+    width: int,
+    settings: FlowSettings,
+    noise: torch.Tensor,
+    callback: StepCallback | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Run the Euler sampler; returns the final latent tokens (h*w, c) and the number of decoder passes.
+
+    Each branch's K/V is joined once before the loop. A CFG branch whose history is the conditional one
+    (image CFG in plain text-to-image) reuses the conditional velocity instead of recomputing it, and no
+    CFG pass runs at steps outside `cfg_interval` or when its scale is <= 1."""
+    cfg = model.config
+    h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
+    device = model.device
+    routing = image_routing(h * w, device)
+    pos_ids = latent_positions(model, h, w)
+    markers = model.net.embed_text(
+        torch.tensor(
+            [model.tokenizer.markers.start_of_image, model.tokenizer.markers.end_of_image], device=device
+        )
+    )
+    zero_offsets = torch.zeros(h * w + 2, dtype=torch.long, device=device)
+    cond = _Branch(context.cond.kv(), context.cond.rope)
+    text_branch = _Branch(context.uncond_text.kv(), context.uncond_text.rope)
+    same_img = context.uncond_img.segments == context.cond.segments
+    img_branch = None if same_img else _Branch(context.uncond_img.kv(), context.uncond_img.rope)
+
+    def velocity(branch: _Branch, embeds: torch.Tensor) -> torch.Tensor:
+        hidden, _ = model.net(embeds, zero_offsets + branch.rope, routing, branch.kv, causal=False)
+        return model.net.velocity(hidden[1:-1]).float()
+
+    times, steps = schedule(settings.num_steps, settings.timestep_shift)
+    x = noise.to(device=device, dtype=torch.float32)
+    passes = 0
+    for i, (t, dt) in enumerate(zip(times, steps, strict=True)):
+        t_tensor = torch.full((), t, device=device)
+        inner = model.net.embed_latents(x, t_tensor, pos_ids)
+        embeds = torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])
+        v = velocity(cond, embeds)
+        passes += 1
+        guided = cfg_active(t, settings.cfg_interval)
+        text_scale = settings.cfg_text_scale if guided else 1.0
+        img_scale = settings.cfg_img_scale if guided else 1.0
+        v_text = v_img = None
+        if text_scale > 1.0:
+            v_text = velocity(text_branch, embeds)
+            passes += 1
+            if img_scale > 1.0:
+                if img_branch is None:
+                    v_img = v
+                else:
+                    v_img = velocity(img_branch, embeds)
+                    passes += 1
+        v = combine_cfg(v, v_text, v_img, text_scale, img_scale, settings.renorm_type, settings.renorm_min)
+        x = x - v * dt
+        if callback is not None:
+            callback(i + 1, len(times), x)
+    return x, passes
+
+
+@torch.no_grad()
+def decode_latent(model: BagelModel, tokens: torch.Tensor, height: int, width: int) -> Image.Image:
+    """Latent tokens (h*w, c) -> RGB image, with the official uint8 conversion (truncation)."""
+    cfg = model.config
+    h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
+    latent = unpatchify_latent(tokens, h, w, cfg.latent_patch_size, cfg.latent_channels)
+    weight = next(model.vae.parameters())
+    pixels = model.vae.decode(latent.unsqueeze(0).to(weight.device, weight.dtype))[0]
+    return from_tensor(pixels.float().cpu())
+
+
+def _render(
+    model: BagelModel,
+    ctx: Context,
+    height: int,
+    width: int,
+    settings: FlowSettings,
+    seed: int | None,
+    latents: torch.Tensor | None,
+    callback: StepCallback | None,
+) -> tuple[Image.Image, Context]:
+    """Generate at the end of `ctx`, then append the image (clean, VAE + ViT) so the next step sees it."""
+    check_size(model, height, width)
+    ctx.check_fits(height * width // model.config.latent_downsample**2 + 2)
+    noise = initial_noise(model, height, width, seed, latents)
+    tokens, _ = denoise(model, ctx, height, width, settings, noise, callback)
+    image = decode_latent(model, tokens, height, width)
+    return image, ctx.append_image(image)
+
+
+def generate_image(
+    model: BagelModel,
+    prompt: str | None,
+    context: Context | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    settings: FlowSettings = T2I_SETTINGS,
+    seed: int | None = 0,
+    latents: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+) -> tuple[Image.Image, Context]:
+    """Text-to-image. `prompt` may be None to generate from a context that already holds the request
+    (after `think`, say). Size defaults to the model's default output size."""
+    ctx = _start(model, context)
+    if prompt is not None and prompt.strip():
+        ctx = ctx.append_text(prompt)
+    elif not ctx.cond.segments:
+        raise ValueError("the prompt is empty and there is no context to generate from")
+    height = height or model.config.inference.default_height
+    width = width or model.config.inference.default_width
+    return _render(model, ctx, height, width, settings, seed, latents, callback)
+
+
+def edit_image(
+    model: BagelModel,
+    image: Image.Image | None,
+    instruction: str | None,
+    context: Context | None = None,
+    settings: FlowSettings = EDIT_SETTINGS,
+    seed: int | None = 0,
+    latents: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    callback: StepCallback | None = None,
+) -> tuple[Image.Image, Context]:
+    """Edit `image` (appended VAE + ViT) by `instruction`. With `image=None`, edit the latest image of the
+    context (a multi-turn edit chain: earlier turns are not re-encoded). The output size defaults to the
+    input's size after the official resize."""
+    ctx = _start(model, context)
+    if image is not None:
+        ctx = ctx.append_image(image)
+    elif ctx.image_size is None:
+        raise ValueError("edit needs an image, or a context that holds one")
+    if instruction is not None and instruction.strip():
+        ctx = ctx.append_text(instruction)
+    elif image is not None:
+        raise ValueError("the edit instruction is empty")
+    h, w = ctx.image_size
+    return _render(model, ctx, height or h, width or w, settings, seed, latents, callback)
+
+
+def generate_sequence(
+    model: BagelModel,
+    prompts: list[str],
+    context: Context | None = None,
+    image: Image.Image | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    settings: FlowSettings = EDIT_SETTINGS,
+    seed: int | None = 0,
+    callback: StepCallback | None = None,
+) -> tuple[list[Image.Image], Context]:
+    """Several images in a row, one per prompt: each is appended clean to the context before the next,
+    so frame k conditions frame k+1 (multi-frame motion, world navigation). The seed advances per image."""
+    if not prompts:
+        raise ValueError("a sequence needs at least one prompt")
+    ctx = _start(model, context)
+    if image is not None:
+        ctx = ctx.append_image(image)
+    if ctx.image_size is None and (height is None or width is None):
+        height = height or model.config.inference.default_height
+        width = width or model.config.inference.default_width
+    frames = []
+    for k, prompt in enumerate(prompts):
+        _check_prompt(prompt)
+        ctx = ctx.append_text(prompt)
+        h, w = (height, width) if height and width else ctx.image_size
+        frame, ctx = _render(model, ctx, h, w, settings, None if seed is None else seed + k, None, callback)
+        frames.append(frame)
+    return frames, ctx

@@ -1,0 +1,106 @@
+"""Write a tiny random BAGEL checkpoint in exactly the official folder layout.
+
+Tests and newcomers need a model that loads through the same code path as BAGEL-7B-MoT without a 29 GB
+download. The weights are random (seeded), the configs are small, the tokenizer is a byte-level BPE
+trained on a fixed corpus with the four BAGEL markers, and every file has the official name and format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import save
+from .config import BagelConfig, InferenceConfig, LLMConfig, VAEConfig, ViTConfig
+from .layers.embeddings import PositionTable, sincos_2d_table
+from .layers.vae import AutoEncoder
+from .model import Bagel
+from .tokenizer import MARKERS
+
+TINY_CONFIG = BagelConfig(
+    llm=LLMConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=4096,
+    ),
+    vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+    inference=InferenceConfig(default_height=64, default_width=64),
+)
+
+_CORPUS = """
+a red circle at the top left, a blue square at the center, a green triangle at the bottom right.
+a yellow circle at the top, a purple square at the right, at the left, at the bottom, at the top right.
+how many shapes are there? what color is the circle? what shape is at the center? where is the red circle?
+describe the image. make the circle green. move the red circle to the bottom right. add a blue triangle at
+the top. remove the square. the color of the sky, of grass, of a banana, of a strawberry, of an eggplant.
+a shape with three corners, with four equal sides, with no corners. draw one. <think> </think>
+You should first think about the reasoning process in the mind and then provide the user with the answer.
+The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think>
+answer here. planning process, generate the image, image here. moves right left up down 0 1 2 3 4 5 6 7 8 9
+"""
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE in Qwen2's file formats: tokenizer.json (fast) and vocab.json/merges.txt (slow)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", *MARKERS]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    tok.model.save(str(folder))  # vocab.json, merges.txt
+    added = {str(tok.token_to_id(t)): {"content": t, "special": True} for t in specials}
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": added,
+        "additional_special_tokens": list(MARKERS),
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, generator: torch.Generator) -> None:
+    """Seeded random weights; norms near one so routing mistakes change the numbers."""
+    for name, p in module.named_parameters():
+        if name.endswith("norm.weight") or ".norm" in name or "layernorm" in name or "layer_norm" in name:
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+        else:
+            p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    for sub in module.modules():
+        if isinstance(sub, PositionTable):
+            sub.pos_embed.copy_(sincos_2d_table(sub.pos_embed.shape[1], sub.grid))
+
+
+def make_tiny(folder: Path | str, seed: int = 0, cfg: BagelConfig = TINY_CONFIG) -> Path:
+    """Write a random checkpoint of `cfg` to `folder` (created) and return the folder."""
+    folder = Path(folder)
+    generator = torch.Generator().manual_seed(seed)
+    net, vae = Bagel(cfg), AutoEncoder(cfg.vae)
+    randomize(net, generator)
+    randomize(vae, generator)
+    save(net, vae, cfg, folder)
+    write_tokenizer(folder, cfg.llm.vocab_size)
+    return folder

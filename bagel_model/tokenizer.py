@@ -1,0 +1,63 @@
+"""The Qwen2 BPE tokenizer from a model folder, plus BAGEL's four markers resolved by name.
+
+BAGEL has no chat template: every text segment is `<|im_start|>` + BPE(text) + `<|im_end|>`, every image
+segment is wrapped in `<|vision_start|>` ... `<|vision_end|>`. The marker ids differ between checkpoints
+(151644.. in Qwen2.5, small numbers in tiny models), so they are looked up by name, never hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class TokenizerError(ValueError):
+    """The model folder's tokenizer is missing or lacks a BAGEL marker."""
+
+
+@dataclass(frozen=True)
+class MarkerIds:
+    bos: int  # <|im_start|>: opens a text segment, and starts decoding
+    eos: int  # <|im_end|>: closes a text segment, and stops decoding
+    start_of_image: int
+    end_of_image: int
+
+
+class BagelTokenizer:
+    def __init__(self, folder: Path):
+        self._tok = _load_hf_tokenizer(Path(folder))
+        vocab = self._tok.get_vocab()
+        missing = [m for m in MARKERS if m not in vocab]
+        if missing:
+            raise TokenizerError(
+                f"the tokenizer in {folder} lacks the BAGEL marker token(s) {', '.join(missing)}"
+            )
+        self.markers = MarkerIds(*(vocab[m] for m in MARKERS))
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of plain text, with no BOS/EOS of the tokenizer's own."""
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def segment(self, text: str) -> list[int]:
+        """The ids of one BAGEL text segment."""
+        return [self.markers.bos, *self.encode(text), self.markers.eos]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _load_hf_tokenizer(folder: Path):
+    """tokenizer.json through transformers' fast tokenizer when present, else the slow vocab/merges one."""
+    # transformers is imported here, not at module level: it is slow to import and only loading needs it.
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    raise TokenizerError(f"{folder} has no tokenizer (expected tokenizer.json, or vocab.json and merges.txt)")
