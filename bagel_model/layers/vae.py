@@ -142,7 +142,7 @@ class Encoder(nn.Module):
         self.conv_in = _conv3(cfg.in_channels, cfg.ch)
         self.down = nn.ModuleList(
             DownLevel(c_in, c_out, cfg.num_res_blocks, downsample=i != last)
-            for i, (c_in, c_out) in enumerate(zip([cfg.ch, *widths[:-1]], widths))
+            for i, (c_in, c_out) in enumerate(zip([cfg.ch, *widths[:-1]], widths, strict=True))
         )
         self.mid = MidBlock(widths[-1])
         self.norm_out = _norm(widths[-1])
@@ -170,7 +170,7 @@ class Decoder(nn.Module):
         self.mid = MidBlock(widths[-1])
         self.up = nn.ModuleList(
             UpLevel(c_in, c_out, cfg.num_res_blocks + 1, upsample=i > 0)
-            for i, (c_in, c_out) in enumerate(zip([*widths[1:], widths[-1]], widths))
+            for i, (c_in, c_out) in enumerate(zip([*widths[1:], widths[-1]], widths, strict=True))
         )
         self.norm_out = _norm(widths[0])
         self.conv_out = _conv3(widths[0], cfg.out_ch)
