@@ -6,10 +6,11 @@ checkpoint of `tiny.py`, written once to a cache folder: every workflow and comm
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-from .tiny import make_tiny
+from .tiny import TINY_CONFIG, make_tiny
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_NAME = "bagel-tiny (bundled)"
@@ -24,7 +25,8 @@ def default_model_dir() -> Path:
     """The bundled model's folder, or a tiny random one written on first use."""
     if (BUNDLED_DIR / "ema.safetensors").is_file():
         return BUNDLED_DIR
-    folder = cache_dir() / "tiny-random-seed0"
+    version = hashlib.sha1(repr(TINY_CONFIG).encode()).hexdigest()[:8]  # a config change writes a new folder
+    folder = cache_dir() / f"tiny-random-{version}"
     if not (folder / "ema.safetensors").is_file():
         make_tiny(folder, seed=0)
     return folder

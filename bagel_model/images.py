@@ -13,7 +13,6 @@ than returning CPU tensors; the VAE and the ViT consume what it produces.
 
 from __future__ import annotations
 
-import einops
 import numpy as np
 import torch
 from PIL import Image
@@ -94,9 +93,10 @@ def prepare_context_image(
     """(vae_image, vit_image) for one context image, by the official inferencer's order of operations.
 
     The inferencer first makes the image RGB and resizes it by the *VAE* rule, for every input image
-    (understanding included). The VAE then sees that image (its transform resizes it again, which keeps
-    the size: `resize_dims` is idempotent for the official limits) and the ViT sees the ViT resize of the
-    already VAE-resized image, not of the original. An edit's output size is `vae_image.size`.
+    (understanding included). The VAE then sees that image (its transform resizes it again, which keeps the
+    size: `resize_dims` is idempotent for the official limits, as a test checks over a sweep of sizes), and
+    the ViT sees the ViT resize of the already VAE-resized image, not of the original. An edit's output size
+    is `vae_image.size`.
     """
     vae_image = resize(to_rgb(image), vae_limits)
     return vae_image, resize(vae_image, vit_limits)
@@ -135,10 +135,12 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """
     if x.ndim != 3:
         raise ValueError(f"patchify expects (c, H, W), got shape {tuple(x.shape)}")
-    _, height, width = x.shape
+    c, height, width = x.shape
     if height % p or width % p:
         raise ValueError(f"size {height}x{width} is not divisible by the patch size {p}")
-    return einops.rearrange(x, "c (h py) (w px) -> (h w) (py px c)", py=p, px=p)
+    h, w = height // p, width // p
+    x = x.reshape(c, h, p, w, p).permute(1, 3, 2, 4, 0)  # (h, w, py, px, c)
+    return x.reshape(h * w, p * p * c)
 
 
 def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int, c: int) -> torch.Tensor:
@@ -149,7 +151,8 @@ def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int, c: int) -> t
             f"expected tokens of shape ({h * w}, {p * p * c}) for h={h}, w={w}, p={p}, c={c}, "
             f"got {tuple(tokens.shape)}"
         )
-    return einops.rearrange(tokens, "(h w) (py px c) -> c (h py) (w px)", h=h, w=w, py=p, px=p, c=c)
+    x = tokens.reshape(h, w, p, p, c).permute(4, 0, 2, 1, 3)  # (c, h, py, w, px)
+    return x.reshape(c, h * p, w * p)
 
 
 def flattened_position_ids(h_patches: int, w_patches: int, max_per_side: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import save
-from .config import BagelConfig, InferenceConfig, LLMConfig, VAEConfig, ViTConfig
+from .config import BagelConfig, ImageLimits, InferenceConfig, LLMConfig, VAEConfig, ViTConfig
 from .layers.embeddings import PositionTable, sincos_2d_table
 from .layers.vae import AutoEncoder
 from .model import Bagel
@@ -32,7 +32,13 @@ TINY_CONFIG = BagelConfig(
     ),
     vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
-    inference=InferenceConfig(default_height=64, default_width=64),
+    # Sized for the 64x64 shapes world: images stay small, so contexts stay within the 4096-position window.
+    inference=InferenceConfig(
+        vae_limits=ImageLimits(max_size=256, min_size=64, stride=16),
+        vit_limits=ImageLimits(max_size=224, min_size=56, stride=14),
+        default_height=64,
+        default_width=64,
+    ),
 )
 
 _CORPUS = """

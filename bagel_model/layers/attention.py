@@ -66,11 +66,15 @@ def attention(
     mask = None
     if causal and n_q > 1:
         mask = _causal_mask(n_q, n_k, q.device)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not q.is_cuda:
+        # SDPA's enable_gqa falls back to a path ~30x slower on CPU; repeating the KV heads is cheaper.
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),  # (h, n_q, d)
         k.transpose(0, 1),
         v.transpose(0, 1),
         attn_mask=mask,
-        enable_gqa=q.shape[1] != k.shape[1],
+        enable_gqa=groups > 1 and q.is_cuda,
     )
     return out.transpose(0, 1)

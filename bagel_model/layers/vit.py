@@ -56,7 +56,7 @@ class SiglipAttention(nn.Module):
         out = torch.cat(
             [
                 attention(qi, ki, vi, causal=False, backend=backend)
-                for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))
+                for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True)
             ]
         )  # (n, h, d)
         return self.out_proj(out.reshape(n, -1))
@@ -110,7 +110,8 @@ class SiglipVisionModel(nn.Module):
         super().__init__()
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(
-                f"ViT hidden_act {config.hidden_act!r} is not supported; choose one of {', '.join(_ACTIVATIONS)}"
+                f"ViT hidden_act {config.hidden_act!r} is not supported; "
+                f"choose one of {', '.join(_ACTIVATIONS)}"
             )
         if config.image_size % config.patch_size:
             raise ValueError(

@@ -1,0 +1,310 @@
+"""`python -m bagel_model`: the library's tasks from a shell, one small function per command.
+
+Every command loads a model folder (default: the bundled model), runs one task and prints a line per
+result, or one JSON object with `--json` (`text` for an answer, `thought` for a plan, `image` for a written
+file). Errors a user can fix are printed as one line and exit with status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from . import tasks
+from .checkpoint import load
+from .model import BagelModel
+from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Output:
+    """What a command produced, printed as lines or as one JSON object."""
+
+    values: dict
+
+    def emit(self, as_json: bool) -> None:
+        if as_json:
+            print(json.dumps(self.values))
+        else:
+            for key, value in self.values.items():
+                print(f"{key}: {value}")
+
+
+def _open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image {path} cannot be read as an image ({e})") from None
+
+
+def _read_latents(path: str | None) -> torch.Tensor | None:
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ValueError(f"--latents {path} is not a readable safetensors file ({e})") from None
+    if "latents" not in tensors:
+        raise ValueError(f"--latents {path} holds {sorted(tensors)}, not a tensor named 'latents'")
+    return tensors["latents"]
+
+
+def _model(args: argparse.Namespace) -> BagelModel:
+    from .bundled import default_model_dir
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    return load(args.model or default_model_dir(), device=device, dtype=dtype)
+
+
+def _flow_settings(args: argparse.Namespace, base: FlowSettings) -> FlowSettings:
+    return FlowSettings(
+        num_steps=args.steps if args.steps is not None else base.num_steps,
+        cfg_text_scale=args.cfg_text if args.cfg_text is not None else base.cfg_text_scale,
+        cfg_img_scale=args.cfg_img if args.cfg_img is not None else base.cfg_img_scale,
+        cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else base.cfg_interval,
+        timestep_shift=args.timestep_shift if args.timestep_shift is not None else base.timestep_shift,
+        renorm_type=args.renorm_type or base.renorm_type,
+        renorm_min=args.renorm_min if args.renorm_min is not None else base.renorm_min,
+    )
+
+
+def _progress(args: argparse.Namespace) -> Callable | None:
+    if args.json or not sys.stderr.isatty():
+        return None
+
+    def show(step: int, total: int, _payload) -> None:
+        print(f"\r{step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _save(image: Image.Image, out: str) -> str:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return str(path)
+
+
+def cmd_understand(args: argparse.Namespace) -> Output:
+    image = _open_image(args.image) if args.image else None
+    model = _model(args)
+    settings = tasks.TextSettings(max_new_tokens=args.max_new_tokens)
+    answer, _ = tasks.understand(
+        model, args.prompt, image=image, think=args.think, settings=settings, seed=args.seed
+    )
+    return Output({"text": answer})
+
+
+def _maybe_think(args, model, image=None):
+    """With --think: plan first, and return (thought, context holding the plan)."""
+    if not args.think:
+        return None, None
+    settings = tasks.TextSettings(max_new_tokens=args.max_think_tokens)
+    return tasks.think(model, args.prompt, image=image, settings=settings, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> Output:
+    latents = _read_latents(args.latents)
+    model = _model(args)
+    start = time.perf_counter()
+    thought, ctx = _maybe_think(args, model)
+    image, _ = tasks.generate_image(
+        model,
+        None if ctx else args.prompt,
+        context=ctx,
+        height=args.height,
+        width=args.width,
+        settings=_flow_settings(args, T2I_SETTINGS),
+        seed=args.seed,
+        latents=latents,
+        callback=_progress(args),
+    )
+    values = {"image": _save(image, args.out), "seconds": round(time.perf_counter() - start, 3)}
+    if thought is not None:
+        values["thought"] = thought
+    return Output(values)
+
+
+def cmd_edit(args: argparse.Namespace) -> Output:
+    source = _open_image(args.image)
+    latents = _read_latents(args.latents)
+    model = _model(args)
+    start = time.perf_counter()
+    thought, ctx = _maybe_think(args, model, image=source)
+    image, _ = tasks.edit_image(
+        model,
+        None if ctx else source,
+        None if ctx else args.prompt,
+        context=ctx,
+        height=args.height,
+        width=args.width,
+        settings=_flow_settings(args, EDIT_SETTINGS),
+        seed=args.seed,
+        latents=latents,
+        callback=_progress(args),
+    )
+    values = {"image": _save(image, args.out), "seconds": round(time.perf_counter() - start, 3)}
+    if thought is not None:
+        values["thought"] = thought
+    return Output(values)
+
+
+def contact_sheet(items: list[tuple[str, Image.Image]], cell: int = 160) -> Image.Image:
+    """A one-row sheet of labelled thumbnails."""
+    label_h = 28
+    sheet = Image.new("RGB", (cell * len(items), cell + label_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, image) in enumerate(items):
+        thumb = image.convert("RGB").resize((cell - 8, cell - 8), Image.NEAREST)
+        sheet.paste(thumb, (i * cell + 4, 4))
+        draw.text((i * cell + 4, cell + 4), label[:26], fill="black")
+    return sheet
+
+
+def cmd_demo(args: argparse.Namespace) -> Output:
+    """Every task once on the model, images and answers under --out, plus a contact sheet."""
+    model = _model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = dict(height=model.config.inference.default_height, width=model.config.inference.default_width)
+    steps = FlowSettings(num_steps=args.steps or 20)
+    edit_steps = FlowSettings(**{**vars(EDIT_SETTINGS), "num_steps": args.steps or 20})
+    prompt = "a red circle at the top left, a blue square at the center"
+    t0 = time.perf_counter()
+    t2i, _ = tasks.generate_image(model, prompt, settings=steps, seed=args.seed, **size)
+    answer, _ = tasks.understand(
+        model,
+        "describe the image.",
+        image=t2i,
+        settings=tasks.TextSettings(max_new_tokens=64),
+        seed=args.seed,
+    )
+    thought, plan = tasks.think(
+        model, "draw a shape with three corners in the color of the sky at the center"
+    )
+    planned, _ = tasks.generate_image(model, None, context=plan, settings=steps, seed=args.seed, **size)
+    edited, _ = tasks.edit_image(model, t2i, "make the circle green", settings=edit_steps, seed=args.seed)
+    frames, _ = tasks.generate_sequence(
+        model, ["the red circle moves right"] * 2, image=t2i, settings=edit_steps, seed=args.seed
+    )
+    items = [("t2i", t2i), ("think->t2i", planned), ("edit", edited)]
+    items += [(f"frame {k + 1}", f) for k, f in enumerate(frames)]
+    files = {}
+    for label, image in items:
+        name = label.replace(" ", "_").replace("->", "_") + ".png"
+        files[label] = _save(image, out / name)
+    contact_sheet(items).save(out / "contact_sheet.png")
+    (out / "answers.json").write_text(json.dumps({"understand": answer, "think": thought}, indent=2))
+    return Output(
+        {
+            "text": answer,
+            "thought": thought,
+            "images": files,
+            "contact_sheet": str(out / "contact_sheet.png"),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> Output:
+    from .tiny import make_tiny
+
+    return Output({"model": str(make_tiny(args.dir, seed=args.seed))})
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder in the official layout (default: the bundled model)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: bf16 on GPU)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _flow_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output image file (.png)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg-text", type=float)
+    p.add_argument("--cfg-img", type=float)
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("START", "END"))
+    p.add_argument("--timestep-shift", type=float)
+    p.add_argument("--renorm-type", choices=RENORM_TYPES)
+    p.add_argument("--renorm-min", type=float)
+    p.add_argument(
+        "--latents", help="safetensors file with one tensor 'latents' [16, H/8, W/8] (overrides seed)"
+    )
+    p.add_argument("--think", action="store_true", help="write a plan first and generate from it")
+    p.add_argument("--max-think-tokens", type=int, default=tasks.THINK_TEXT_SETTINGS.max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bagel_model", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("understand", help="answer a question about an image")
+    _common(p)
+    p.add_argument("--image")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--think", action="store_true", help="reason before answering")
+    p.add_argument("--max-new-tokens", type=int, default=tasks.TextSettings().max_new_tokens)
+    p.set_defaults(run=cmd_understand)
+
+    p = sub.add_parser("generate", help="text to image")
+    _common(p)
+    p.add_argument("--prompt", required=True)
+    _flow_options(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("edit", help="edit an image by an instruction")
+    _common(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    _flow_options(p)
+    p.set_defaults(run=cmd_edit)
+
+    p = sub.add_parser("demo", help="run every task once and write a contact sheet")
+    _common(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, help="denoising steps (default 20)")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official layout")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        output = args.run(args)
+    except (
+        ValueError
+    ) as e:  # CheckpointError, ContextError, TokenizerError and bad values: fixable by the user
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output.emit(args.json)
+    return 0
