@@ -85,9 +85,10 @@ class Bagel(nn.Module):
         past: KV | None,
         causal: bool,
         backend: Backend = "auto",
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """A decoder pass of a query after the prefix `past`: final hidden states and the query's K/V."""
-        return self.language_model.model(embeds, positions, routing, past, causal, backend)
+        return self.language_model.model(embeds, positions, routing, past, causal, backend, mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)

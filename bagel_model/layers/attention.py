@@ -53,18 +53,32 @@ def _causal_mask(n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, backend: Backend = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    backend: Backend = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attend q to k/v of one sequence; returns (n_q, h, d) in q's dtype."""
+    """Attend q to k/v of one sequence; returns (n_q, h, d) in q's dtype.
+
+    `mask` (n_q, n_k) bool, True where allowed, replaces the causal rule when given (training packs
+    sequences whose noisy images are hidden from later tokens, which no flag expresses)."""
     n_q, n_k = q.shape[0], k.shape[0]
-    use_flash = backend == "flash" or (
-        backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_available()
+    use_flash = mask is None and (
+        backend == "flash"
+        or (
+            backend == "auto"
+            and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and flash_available()
+        )
     )
     if use_flash:
         # flash-attn aligns its causal mask to the bottom right, as we need.
         return _flash_attn_func()(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal=causal)[0]
-    mask = None
-    if causal and n_q > 1:
+    if mask is None and causal and n_q > 1:
         mask = _causal_mask(n_q, n_k, q.device)
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and not q.is_cuda:

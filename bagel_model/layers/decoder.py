@@ -125,6 +125,7 @@ class MoTAttention(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None,  # (n_past, h_kv, d) each
         causal: bool,
         backend: Backend,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output (n, hidden), k (n, h_kv, d), v (n, h_kv, d)) for the new tokens."""
         qkv = routing.apply(self._qkv(""), self._qkv("_moe_gen"), x)
@@ -132,7 +133,7 @@ class MoTAttention(nn.Module):
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
-        out = attention(q, keys, values, causal=causal, backend=backend).reshape(x.shape[0], -1)
+        out = attention(q, keys, values, causal=causal, backend=backend, mask=mask).reshape(x.shape[0], -1)
         return routing.apply(self.o_proj, self.o_proj_moe_gen, out), k, v
 
 
@@ -147,9 +148,9 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, routing: Routing, past, causal: bool, backend: Backend):
+    def forward(self, x, positions, routing: Routing, past, causal: bool, backend: Backend, mask=None):
         h = routing.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
-        attn, k, v = self.self_attn(h, positions, routing, past, causal, backend)
+        attn, k, v = self.self_attn(h, positions, routing, past, causal, backend, mask)
         x = x + attn
         h = routing.apply(
             lambda t: self.mlp(self.post_attention_layernorm(t)),
@@ -177,12 +178,15 @@ class MoTDecoder(nn.Module):
         past: KV | None,
         causal: bool,
         backend: Backend = "auto",
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV]:
-        """Run all layers; returns the final-norm hidden states and the new tokens' K/V."""
+        """Run all layers; returns the final-norm hidden states and the new tokens' K/V.
+
+        `mask` (n, n_past + n) bool overrides `causal` (see `attention`)."""
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             layer_past = None if past is None or past.length == 0 else (past.k[i], past.v[i])
-            x, k, v = layer(x, positions, routing, layer_past, causal, backend)
+            x, k, v = layer(x, positions, routing, layer_past, causal, backend, mask)
             ks.append(k)
             vs.append(v)
         x = routing.apply(self.norm, self.norm_moe_gen, x)
