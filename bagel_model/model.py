@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import BagelConfig
 from .layers.attention import Backend
-from .layers.decoder import KV, LanguageModel, Routing
+from .layers.decoder import KV, KVWorkspace, LanguageModel, Routing
 from .layers.embeddings import PositionTable, TimestepEmbedder
 from .layers.vae import AutoEncoder
 from .layers.vit import SiglipVisionModel
@@ -82,7 +82,7 @@ class Bagel(nn.Module):
         embeds: torch.Tensor,  # (n, D)
         positions: torch.Tensor,  # (n,) rope ids
         routing: Routing,
-        past: KV | None,
+        past: KV | KVWorkspace | None,
         causal: bool,
         backend: Backend = "auto",
         mask: torch.Tensor | None = None,

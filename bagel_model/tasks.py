@@ -19,7 +19,7 @@ from PIL import Image
 
 from .context import Context, History, image_routing, latent_positions
 from .images import from_tensor, patchify, unpatchify_latent
-from .layers.decoder import KV, Routing
+from .layers.decoder import KVWorkspace, Routing
 from .model import BagelModel
 from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings, cfg_active, combine_cfg, schedule
 
@@ -86,30 +86,18 @@ def generate_text(
     so each token costs one decoder pass and no copy of the cache."""
     markers = model.tokenizer.markers
     past = history.kv()
-    n_past = 0 if past is None else past.length
-    ref = model.net.language_model.lm_head.weight
-    layers = model.config.llm.num_hidden_layers
-    kv_shape = (
-        layers,
-        n_past + settings.max_new_tokens,
-        model.config.llm.num_key_value_heads,
-        model.config.llm.head_dim,
-    )
-    buf = KV(ref.new_empty(kv_shape), ref.new_empty(kv_shape))
-    if past is not None:
-        buf.k[:, :n_past] = past.k
-        buf.v[:, :n_past] = past.v
+    if past is None:
+        raise ValueError("there is nothing to answer: the context is empty")
+    n_past = past.length
+    buf = KVWorkspace.around(past, settings.max_new_tokens)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids = [markers.bos]
-    length = n_past
     for step in range(settings.max_new_tokens):
         token = torch.tensor([ids[-1]], device=model.device)
         positions = torch.tensor([history.rope + step], device=model.device)
-        prefix = KV(buf.k[:, :length], buf.v[:, :length])
-        hidden, kv = model.net(model.net.embed_text(token), positions, Routing(), prefix, causal=True)
-        buf.k[:, length : length + 1] = kv.k
-        buf.v[:, length : length + 1] = kv.v
-        length += 1
+        end = n_past + step + 1
+        workspace = KVWorkspace(buf.k[:, :end], buf.v[:, :end], end - 1)
+        hidden, _ = model.net(model.net.embed_text(token), positions, Routing(), workspace, causal=True)
         logits = model.net.logits(hidden[-1]).float()
         if settings.do_sample:
             probs = torch.softmax(logits / settings.temperature, dim=-1).cpu()
@@ -207,8 +195,15 @@ def initial_noise(
 
 @dataclass(frozen=True)
 class _Branch:
-    kv: KV | None
+    """One history the query is run after: its K/V with room for the query, and its next position."""
+
+    kv: KVWorkspace | None
     rope: int
+
+    @staticmethod
+    def of(history: History, n_query: int) -> _Branch:
+        past = history.kv()
+        return _Branch(None if past is None else KVWorkspace.around(past, n_query), history.rope)
 
 
 @torch.no_grad()
@@ -223,9 +218,10 @@ def denoise(
 ) -> tuple[torch.Tensor, int]:
     """Run the Euler sampler; returns the final latent tokens (h*w, c) and the number of decoder passes.
 
-    Each branch's K/V is joined once before the loop. A CFG branch whose history is the conditional one
-    (image CFG in plain text-to-image) reuses the conditional velocity instead of recomputing it, and no
-    CFG pass runs at steps outside `cfg_interval` or when its scale is <= 1."""
+    Each branch's K/V is joined once, into a buffer with room for the query, before the loop. A CFG
+    branch whose history is the conditional one (image CFG in plain text-to-image) reuses the conditional
+    velocity instead of recomputing it, and no CFG pass runs at steps outside `cfg_interval` or when its
+    scale is <= 1."""
     cfg = model.config
     h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
     device = model.device
@@ -237,10 +233,11 @@ def denoise(
         )
     )
     zero_offsets = torch.zeros(h * w + 2, dtype=torch.long, device=device)
-    cond = _Branch(context.cond.kv(), context.cond.rope)
-    text_branch = _Branch(context.uncond_text.kv(), context.uncond_text.rope)
+    n_query = h * w + 2
+    cond = _Branch.of(context.cond, n_query)
+    text_branch = _Branch.of(context.uncond_text, n_query)
     same_img = context.uncond_img.segments == context.cond.segments
-    img_branch = None if same_img else _Branch(context.uncond_img.kv(), context.uncond_img.rope)
+    img_branch = None if same_img else _Branch.of(context.uncond_img, n_query)
 
     def velocity(branch: _Branch, embeds: torch.Tensor) -> torch.Tensor:
         hidden, _ = model.net(embeds, zero_offsets + branch.rope, routing, branch.kv, causal=False)

@@ -60,6 +60,28 @@ class KV:
         return self.k.shape[1]
 
 
+@dataclass(frozen=True)
+class KVWorkspace:
+    """A prefix's K/V with room for the query at the tail: (layers, n_past + n_query, h_kv, d).
+
+    A forward writes its query's K/V into the tail in place and attends over the whole buffer, so a loop
+    that runs many queries after one prefix (denoising steps, decoded tokens) copies the prefix once, not
+    once per pass and layer."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    n_past: int
+
+    @staticmethod
+    def around(past: KV, n_query: int) -> KVWorkspace:
+        """A fresh buffer holding `past` followed by `n_query` rows to be written."""
+        layers, n_past, heads, dim = past.k.shape
+        shape = (layers, n_past + n_query, heads, dim)
+        k, v = past.k.new_empty(shape), past.v.new_empty(shape)
+        k[:, :n_past], v[:, :n_past] = past.k, past.v
+        return KVWorkspace(k, v, n_past)
+
+
 class RMSNorm(nn.Module):
     """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
 
@@ -126,13 +148,20 @@ class MoTAttention(nn.Module):
         causal: bool,
         backend: Backend,
         mask: torch.Tensor | None = None,
+        in_place: bool = False,  # past holds n more rows at its tail for this query's K/V
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output (n, hidden), k (n, h_kv, d), v (n, h_kv, d)) for the new tokens."""
         qkv = routing.apply(self._qkv(""), self._qkv("_moe_gen"), x)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
+        if past is None:
+            keys, values = k, v
+        elif in_place:
+            keys, values = past
+            keys[-k.shape[0] :], values[-k.shape[0] :] = k, v
+        else:
+            keys, values = torch.cat([past[0], k]), torch.cat([past[1], v])
         out = attention(q, keys, values, causal=causal, backend=backend, mask=mask).reshape(x.shape[0], -1)
         return routing.apply(self.o_proj, self.o_proj_moe_gen, out), k, v
 
@@ -148,9 +177,11 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, routing: Routing, past, causal: bool, backend: Backend, mask=None):
+    def forward(
+        self, x, positions, routing: Routing, past, causal: bool, backend: Backend, mask=None, in_place=False
+    ):
         h = routing.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
-        attn, k, v = self.self_attn(h, positions, routing, past, causal, backend, mask)
+        attn, k, v = self.self_attn(h, positions, routing, past, causal, backend, mask, in_place)
         x = x + attn
         h = routing.apply(
             lambda t: self.mlp(self.post_attention_layernorm(t)),
@@ -175,7 +206,7 @@ class MoTDecoder(nn.Module):
         x: torch.Tensor,  # (n, hidden) input embeddings
         positions: torch.Tensor,
         routing: Routing,
-        past: KV | None,
+        past: KV | KVWorkspace | None,
         causal: bool,
         backend: Backend = "auto",
         mask: torch.Tensor | None = None,
@@ -183,13 +214,18 @@ class MoTDecoder(nn.Module):
         """Run all layers; returns the final-norm hidden states and the new tokens' K/V.
 
         `mask` (n, n_past + n) bool overrides `causal` (see `attention`)."""
+        in_place = isinstance(past, KVWorkspace)
+        if isinstance(past, KV) and past.length == 0:
+            past = None
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            layer_past = None if past is None or past.length == 0 else (past.k[i], past.v[i])
-            x, k, v = layer(x, positions, routing, layer_past, causal, backend, mask)
+            layer_past = None if past is None else (past.k[i], past.v[i])
+            x, k, v = layer(x, positions, routing, layer_past, causal, backend, mask, in_place)
             ks.append(k)
             vs.append(v)
         x = routing.apply(self.norm, self.norm_moe_gen, x)
+        if in_place:
+            return x, KV(past.k[:, past.n_past :], past.v[:, past.n_past :])
         return x, KV(torch.stack(ks), torch.stack(vs))
 
 
