@@ -103,7 +103,8 @@ def check_keys(path: Path, expected: dict[str, tuple[int, ...]], found: dict[str
         return
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing tensor(s), first: {', '.join(missing[:5])}")
+        shown = ", ".join(f"{k} {list(expected[k])}" for k in missing[:5])
+        parts.append(f"{len(missing)} missing tensor(s), first: {shown}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected tensor(s), first: {', '.join(unexpected[:5])}")
     if misshaped:

@@ -225,9 +225,9 @@ def cmd_demo(args: argparse.Namespace) -> Output:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> Output:
-    from .tiny import make_tiny
+    from .tiny import PRESETS, make_tiny
 
-    return Output({"model": str(make_tiny(args.dir, seed=args.seed))})
+    return Output({"model": str(make_tiny(args.dir, seed=args.seed, cfg=PRESETS[args.preset]))})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official layout")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "mid"], help="mid: a benchmark-sized model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_make_tiny)
     return parser

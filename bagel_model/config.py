@@ -211,12 +211,15 @@ class BagelConfig:
             raise ConfigError(
                 f"hidden_size {self.llm.hidden_size} must be a multiple of 4 (2-D sin-cos table)"
             )
-        side = self.max_latent_size * self.latent_downsample
-        for limits, name in ((self.inference.vae_limits, "vae_limits"),):
+        tables = (
+            ("vae_limits", self.inference.vae_limits, self.max_latent_size * self.latent_downsample),
+            ("vit_limits", self.inference.vit_limits, self.vit_max_num_patch_per_side * self.vit.patch_size),
+        )
+        for name, limits, side in tables:
             if limits.max_size > side:
                 raise ConfigError(
-                    f"{name}.max_size {limits.max_size} exceeds the largest image the latent position table "
-                    f"covers ({side} px = max_latent_size {self.max_latent_size} x {self.latent_downsample})"
+                    f"{name}.max_size {limits.max_size} exceeds the largest image its position table covers "
+                    f"({side} px)"
                 )
 
     @property

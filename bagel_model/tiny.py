@@ -41,6 +41,21 @@ TINY_CONFIG = BagelConfig(
     ),
 )
 
+# A mid-size random model for benchmarks: big enough that compute, not Python, dominates a step.
+MID_CONFIG = BagelConfig(
+    llm=LLMConfig(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    vit=ViTConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+)
+PRESETS = {"tiny": TINY_CONFIG, "mid": MID_CONFIG}
+
 _CORPUS = """
 a red circle at the top left, a blue square at the center, a green triangle at the bottom right.
 a yellow circle at the top, a purple square at the right, at the left, at the bottom, at the top right.

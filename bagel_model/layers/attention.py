@@ -84,11 +84,12 @@ def attention(
     if groups > 1 and not q.is_cuda:
         # SDPA's enable_gqa falls back to a path ~30x slower on CPU; repeating the KV heads is cheaper.
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    # 4-D (batch, heads, n, d) inputs: 3-D ones take a CPU path several times slower.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),  # (h, n_q, d)
-        k.transpose(0, 1),
-        v.transpose(0, 1),
+        q.transpose(0, 1).unsqueeze(0),  # (1, h, n_q, d)
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
         attn_mask=mask,
         enable_gqa=groups > 1 and q.is_cuda,
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
