@@ -1,0 +1,188 @@
+"""Text-to-image and edit timings: our engine in-process, and ours vs. the official code as whole processes.
+
+    python benchmarks/bench_generate.py --model DIR [--size 256] [--steps 20] [--device cuda]
+        [--official-python PY --official-dir DIR]     # add the official side-by-side rows
+
+In-process rows give seconds per image and per step, decoder passes and peak memory (device memory on
+CUDA, resident set on CPU) for text-to-image and editing. The side-by-side rows run
+`python -m bagel_model generate` and `benchmarks/official_runner.py infer --task t2i` on the same folder,
+prompt and initial noise (notebook defaults: cfg_text 4, cfg_img 1, interval [0.4, 1], shift 3, global
+renorm) and report each process's wall time, peak RSS and the pixel difference between the two images.
+Timings are measurements, not tests: report ratios from one run, absolute numbers only with the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bagel_model import load, tasks  # noqa: E402
+from bagel_model.sampling import EDIT_SETTINGS, FlowSettings  # noqa: E402
+
+PROMPT = "a red circle at the top left, a blue square at the center"
+NOTEBOOK_T2I = FlowSettings(cfg_img_scale=1.0)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _count_passes(model) -> list[int]:
+    """Wrap the decoder so every pass is counted; returns the mutable counter."""
+    counter = [0]
+    forward = model.net.forward
+
+    def counted(*args, **kwargs):
+        counter[0] += 1
+        return forward(*args, **kwargs)
+
+    model.net.forward = counted
+    return counter
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def in_process(model_dir: str, size: int, steps: int, device: str) -> list[dict]:
+    model = load(model_dir, device=device)
+    dev = model.device
+    counter = _count_passes(model)
+    rows = []
+    source, _ = tasks.generate_image(
+        model, PROMPT, height=size, width=size, settings=FlowSettings(num_steps=2)
+    )
+    jobs = {
+        "t2i": lambda s: tasks.generate_image(model, PROMPT, height=size, width=size, settings=s, seed=1),
+        "edit": lambda s: tasks.edit_image(model, source, "make the circle green", settings=s, seed=1),
+    }
+    for name, base in (("t2i", NOTEBOOK_T2I), ("edit", EDIT_SETTINGS)):
+        settings = FlowSettings(**{**vars(base), "num_steps": steps})
+        jobs[name](FlowSettings(**{**vars(base), "num_steps": 2}))  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        counter[0] = 0
+        _sync(dev)
+        start = time.perf_counter()
+        image, _ = jobs[name](settings)
+        _sync(dev)
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "engine": "ours (in-process)",
+                "task": f"{name} {image.height}x{image.width}",
+                "seconds": round(seconds, 3),
+                "s/step": round(seconds / (steps - 1), 4),
+                "passes": counter[0],
+                "peak MiB": round(_peak_memory_mb(dev)),
+            }
+        )
+    return rows
+
+
+def _run_process(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process, its output kept in `log`."""
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{log.read_text()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def side_by_side(
+    model_dir: str, size: int, steps: int, official_python: str, official_dir: str
+) -> list[dict]:
+    work = Path(tempfile.mkdtemp(prefix="bagel_bench_"))
+    latents = work / "latents.safetensors"
+    noise = torch.randn(16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    save_file({"latents": noise}, latents)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ours_png = work / "ours.png"
+    ours_cmd = [sys.executable, "-m", "bagel_model", "generate", "--model", model_dir, "--prompt", PROMPT]
+    ours_cmd += ["--width", str(size), "--height", str(size), "--steps", str(steps), "--cfg-img", "1.0"]
+    ours_cmd += ["--latents", str(latents), "--out", str(ours_png), "--device", "cpu", "--json"]
+    official_out = work / "official"
+    official_cmd = [
+        official_python,
+        str(REPO / "benchmarks" / "official_runner.py"),
+        "infer",
+        "--task",
+        "t2i",
+    ]
+    official_cmd += ["--official-dir", official_dir, "--model", model_dir, "--prompt", PROMPT]
+    official_cmd += ["--height", str(size), "--width", str(size), "--steps", str(steps), "--cfg-img", "1.0"]
+    official_cmd += ["--latents", str(latents), "--out", str(official_out)]
+    rows = []
+    for name, cmd in (("ours (process)", ours_cmd), ("official (process)", official_cmd)):
+        seconds, peak = _run_process(cmd, env, work / f"{name.split()[0]}.log")
+        rows.append(
+            {
+                "engine": name,
+                "task": f"t2i {size}x{size} whole process",
+                "seconds": round(seconds, 3),
+                "peak MiB": round(peak),
+            }
+        )
+    ours = np.asarray(Image.open(ours_png).convert("RGB")).astype(int)
+    theirs = np.asarray(Image.open(official_out / "image.png").convert("RGB")).astype(int)
+    delta = int(np.abs(ours - theirs).max())
+    rows[0]["speed-up vs official"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
+    rows[0]["max |Δ| vs official"] = delta
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    widths = {k: max(len(k), *(len(str(row.get(k, ""))) for row in rows)) for k in keys}
+    print(" | ".join(k.ljust(widths[k]) for k in keys))
+    print("-|-".join("-" * widths[k] for k in keys))
+    for row in rows:
+        print(" | ".join(str(row.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model folder, e.g. from `make-tiny DIR --preset mid`")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--official-python", help="python of an environment that runs the official code")
+    parser.add_argument("--official-dir", default=os.environ.get("BAGEL_OFFICIAL_DIR"))
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = []
+    if args.official_python:
+        rows += side_by_side(args.model, args.size, args.steps, args.official_python, args.official_dir)
+    rows += in_process(args.model, args.size, args.steps, args.device)
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    )
+    print(f"device: {device}; torch {torch.__version__}; {args.steps} steps; model {args.model}")
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
