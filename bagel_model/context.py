@@ -225,15 +225,14 @@ class Context:
         )
         history = self.cond
         size = (vae_image.height, vae_image.width)
+        self.check_fits(int(vae) + int(vit))  # an image takes one RoPE position per part
         if vae:
             h, w = vae_image.height // cfg.latent_downsample, vae_image.width // cfg.latent_downsample
-            self.check_fits(h * w + 2)
             latent = encode_latent(self.model, to_tensor(vae_image))
             query = vae_query(self.model, latent, h, w)
             history = self._extend(history, query, 1, kind="vae", image_size=size)
         if vit:
             pixels = to_tensor(vit_image)
-            self.check_fits(pixels.shape[1] * pixels.shape[2] // cfg.vit.patch_size**2 + 2)
             query = vit_query(self.model, pixels)
             history = self._extend(history, query, 1, kind="vit", image_size=tuple(pixels.shape[1:]))
         return replace(self, cond=history, uncond_text=history, image_size=size)
@@ -265,11 +264,11 @@ class Context:
                 "of a chain"
             )
 
-    def check_fits(self, new_tokens: int) -> None:
-        """Refuse a query that would run past the model's RoPE window."""
+    def check_fits(self, new_positions: int) -> None:
+        """Refuse to grow past the model's RoPE window (text takes a position per token, an image one)."""
         limit = self.model.config.llm.max_position_embeddings
-        if self.cond.rope + new_tokens > limit:
+        if self.cond.rope + new_positions > limit:
             raise ContextError(
-                f"the context would grow to {self.cond.rope + new_tokens} positions, past the model's window "
+                f"the context would reach position {self.cond.rope + new_positions}, past the model's window "
                 f"of {limit}; start a new context or shorten the prompt"
             )

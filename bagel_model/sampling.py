@@ -60,8 +60,12 @@ def schedule(num_steps: int, shift: float) -> tuple[list[float], list[float]]:
 
 
 def cfg_active(t: float, interval: tuple[float, float]) -> bool:
-    """Guidance applies on the half-open window (start, end] of the shifted time."""
-    return interval[0] < t <= interval[1]
+    """Guidance applies on the half-open window (start, end] of the shifted time.
+
+    Compared in float32, as the official loop compares its float32 time tensor with the bounds: at a time
+    equal to float32(bound) a float64 comparison would flip the decision."""
+    lo, hi = torch.tensor(interval, dtype=torch.float32).tolist()
+    return lo < t <= hi
 
 
 def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, minimum: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ Thinking system prompts are the official strings, byte for byte (BAGEL_REFERENCE
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -189,7 +190,9 @@ def initial_noise(
                 f"latents have shape {list(latents.shape)}, expected {list(expected)} for {height}x{width}"
             )
         return patchify(latents.float().cpu(), cfg.latent_patch_size)
-    generator = torch.Generator(device="cpu").manual_seed(seed or 0)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(h * w, cfg.patch_latent_dim, generator=generator)
 
 
@@ -295,7 +298,7 @@ def _render(
 ) -> tuple[Image.Image, Context]:
     """Generate at the end of `ctx`, then append the image (clean, VAE + ViT) so the next step sees it."""
     check_size(model, height, width)
-    ctx.check_fits(height * width // model.config.latent_downsample**2 + 2)
+    ctx.check_fits(1)
     noise = initial_noise(model, height, width, seed, latents)
     tokens, _ = denoise(model, ctx, height, width, settings, noise, callback)
     image = decode_latent(model, tokens, height, width)
@@ -320,8 +323,8 @@ def generate_image(
         ctx = ctx.append_text(prompt)
     elif not ctx.cond.segments:
         raise ValueError("the prompt is empty and there is no context to generate from")
-    height = height or model.config.inference.default_height
-    width = width or model.config.inference.default_width
+    height = model.config.inference.default_height if height is None else height
+    width = model.config.inference.default_width if width is None else width
     return _render(model, ctx, height, width, settings, seed, latents, callback)
 
 
@@ -350,7 +353,8 @@ def edit_image(
     elif image is not None:
         raise ValueError("the edit instruction is empty")
     h, w = ctx.image_size
-    return _render(model, ctx, height or h, width or w, settings, seed, latents, callback)
+    height, width = (h if height is None else height), (w if width is None else width)
+    return _render(model, ctx, height, width, settings, seed, latents, callback)
 
 
 def generate_sequence(
@@ -372,8 +376,8 @@ def generate_sequence(
     if image is not None:
         ctx = ctx.append_image(image)
     if ctx.image_size is None and (height is None or width is None):
-        height = height or model.config.inference.default_height
-        width = width or model.config.inference.default_width
+        height = model.config.inference.default_height if height is None else height
+        width = model.config.inference.default_width if width is None else width
     frames = []
     for k, prompt in enumerate(prompts):
         _check_prompt(prompt)

@@ -12,10 +12,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import bagel_model
 from bagel_model.model import BagelModel
 from bagel_model.tiny import make_tiny
+
+# Every model here is toy-sized: thread hand-offs cost more than they save (4x slower with 2 threads here).
+torch.set_num_threads(1)
 
 SHARED_DIR = Path(os.environ.get("BAGEL_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bagel_model.config import VAEConfig
+from ..config import VAEConfig
 
 
 def _norm(c: int) -> nn.GroupNorm:

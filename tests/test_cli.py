@@ -1,0 +1,251 @@
+"""`python -m bagel_model`: every command on the tiny random checkpoint, each result equal to the library's,
+and user errors as one line on stderr with exit status 2.
+
+Most commands run in-process through `cli.main` (a fresh interpreter costs seconds of imports each); the
+real entry point runs as a subprocess for `make-tiny` and for one error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from bagel_model import cli, tasks
+from bagel_model.sampling import EDIT_SETTINGS, FlowSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+P = "a red circle at the top left, a blue square at the center"
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _json(capsys, *argv) -> dict:
+    rc, out, err = _run(capsys, *argv, "--json")
+    assert rc == 0, err
+    assert out.count("\n") == 1  # one JSON object on one line
+    return json.loads(out)
+
+
+def _pixels(path_or_image) -> np.ndarray:
+    if isinstance(path_or_image, Image.Image):
+        return np.asarray(path_or_image, dtype=np.int16)
+    with Image.open(path_or_image) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def picture_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli_inputs") / "shapes.png"
+    im = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(im).ellipse((4, 4, 28, 28), fill="red")
+    im.save(path)
+    return path
+
+
+def _subprocess(tmp_path, *argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BAGEL_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "bagel_model", *map(str, argv)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+def test_make_tiny(tmp_path, tiny_dir):
+    proc = _subprocess(tmp_path, "make-tiny", tmp_path / "m", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"model": str(tmp_path / "m")}
+    for name in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors", "tokenizer.json"):
+        assert (tmp_path / "m" / name).is_file()
+    # the same seed writes the same checkpoint as the library's make_tiny
+    assert (tmp_path / "m" / "ema.safetensors").read_bytes() == (tiny_dir / "ema.safetensors").read_bytes()
+
+
+def test_understand(capsys, tiny_dir, tiny_model, picture_file):
+    out = _json(
+        capsys, "understand", "--model", tiny_dir, "--image", picture_file, "--prompt", "describe the image.",
+        "--max-new-tokens", 4,
+    )  # fmt: skip
+    with Image.open(picture_file) as im:
+        expected, _ = tasks.understand(
+            tiny_model, "describe the image.", image=im.convert("RGB"), settings=tasks.TextSettings(4)
+        )
+    assert out == {"text": expected}
+    # without --json: one "key: value" line per value
+    rc, text, _ = _run(capsys, "understand", "--model", tiny_dir, "--prompt", "hi", "--max-new-tokens", 2)
+    assert rc == 0 and text.startswith("text: ")
+
+
+def test_generate(capsys, tmp_path, tiny_dir, tiny_model):
+    path = tmp_path / "sub" / "t2i.png"
+    out = _json(
+        capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 64, "--height", 64,
+        "--steps", 3, "--seed", 2,
+    )  # fmt: skip
+    assert out["image"] == str(path) and "thought" not in out
+    assert out["seconds"] >= 0
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
+    expected, _ = tasks.generate_image(
+        tiny_model, P, height=64, width=64, settings=FlowSettings(num_steps=3), seed=2
+    )
+    assert np.array_equal(_pixels(path), _pixels(expected))
+
+
+def test_generate_options_reach_the_sampler(capsys, tmp_path, tiny_dir, tiny_model):
+    path = tmp_path / "t2i.png"
+    _json(
+        capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 96, "--height", 64,
+        "--steps", 3, "--cfg-text", 3.0, "--cfg-img", 1.5, "--cfg-interval", 0.0, 1.0,
+        "--timestep-shift", 2.0, "--renorm-type", "channel", "--renorm-min", 0.1,
+    )  # fmt: skip
+    settings = FlowSettings(3, 3.0, 1.5, (0.0, 1.0), 2.0, "channel", 0.1)
+    expected, _ = tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings)
+    assert np.array_equal(_pixels(path), _pixels(expected))
+
+
+def test_generate_with_latents(capsys, tmp_path, tiny_dir, tiny_model):
+    latents = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(9))
+    save_file({"latents": latents}, str(tmp_path / "noise.safetensors"))
+    path = tmp_path / "t2i.png"
+    _json(
+        capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 64, "--height", 64,
+        "--steps", 3, "--latents", tmp_path / "noise.safetensors",
+    )  # fmt: skip
+    settings = FlowSettings(num_steps=3)
+    expected, _ = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, latents=latents)
+    seeded, _ = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, seed=0)
+    assert np.array_equal(_pixels(path), _pixels(expected))
+    assert not np.array_equal(_pixels(path), _pixels(seeded))
+
+
+def test_generate_think(capsys, tmp_path, tiny_dir, tiny_model):
+    path = tmp_path / "think.png"
+    out = _json(
+        capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 64, "--height", 64,
+        "--steps", 3, "--think", "--max-think-tokens", 4,
+    )  # fmt: skip
+    thought, ctx = tasks.think(tiny_model, P, settings=tasks.TextSettings(4))
+    assert out["thought"] == thought and thought.strip()
+    expected, _ = tasks.generate_image(tiny_model, None, context=ctx, settings=FlowSettings(num_steps=3))
+    assert np.array_equal(_pixels(path), _pixels(expected))
+
+
+def test_edit(capsys, tmp_path, tiny_dir, tiny_model, picture_file):
+    path = tmp_path / "edit.png"
+    out = _json(
+        capsys, "edit", "--model", tiny_dir, "--image", picture_file, "--prompt", "make the circle green",
+        "--out", path, "--steps", 3,
+    )  # fmt: skip
+    assert out["image"] == str(path)
+    with Image.open(picture_file) as im:
+        source = im.convert("RGB")
+    settings = FlowSettings(**{**vars(EDIT_SETTINGS), "num_steps": 3})
+    expected, _ = tasks.edit_image(tiny_model, source, "make the circle green", settings=settings)
+    assert expected.size == (64, 64)
+    assert np.array_equal(_pixels(path), _pixels(expected))
+
+
+def test_demo_with_the_default_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BAGEL_CACHE_DIR", str(tmp_path / "cache"))
+    out_dir = tmp_path / "demo"
+    out = _json(capsys, "demo", "--out", out_dir, "--steps", 2)
+    # the default model is a tiny random one written into the cache folder on first use
+    assert any((d / "ema.safetensors").is_file() for d in (tmp_path / "cache").iterdir())
+    names = ["t2i", "think_t2i", "edit", "frame_1", "frame_2"]
+    assert sorted(Path(p).name for p in out["images"].values()) == sorted(f"{n}.png" for n in names)
+    for name in names:
+        with Image.open(out_dir / f"{name}.png") as im:
+            assert im.size == (64, 64)
+    answers = json.loads((out_dir / "answers.json").read_text())
+    assert answers == {"understand": out["text"], "think": out["thought"]}
+    with Image.open(out_dir / "contact_sheet.png") as sheet:
+        assert sheet.size == (160 * len(names), 160 + 28)
+    assert out["contact_sheet"] == str(out_dir / "contact_sheet.png")
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+def _assert_one_line_error(rc: int, out: str, err: str, *fragments: str) -> None:
+    assert rc == 2
+    assert out == ""
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_error_unreadable_image(capsys, tmp_path, tiny_dir):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    rc, out, err = _run(capsys, "understand", "--model", tiny_dir, "--image", bad, "--prompt", "hi")
+    _assert_one_line_error(rc, out, err, f"image {bad} cannot be read as an image")
+    rc, out, err = _run(
+        capsys, "edit", "--model", tiny_dir, "--image", tmp_path / "missing.png", "--prompt", "x", "--out",
+        tmp_path / "o.png",
+    )  # fmt: skip
+    _assert_one_line_error(rc, out, err, "missing.png does not exist")
+
+
+def test_error_width_not_a_multiple_of_16(capsys, tmp_path, tiny_dir):
+    path = tmp_path / "o.png"
+    rc, out, err = _run(
+        capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 70, "--height", 64,
+        "--steps", 2,
+    )  # fmt: skip
+    _assert_one_line_error(rc, out, err, "width 70 must be a multiple of 16")
+    assert not path.exists()
+
+
+def test_error_bad_steps(capsys, tmp_path, tiny_dir):
+    rc, out, err = _run(
+        capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", tmp_path / "o.png", "--steps", 1
+    )
+    _assert_one_line_error(rc, out, err, "steps must be at least 2")
+
+
+def test_error_missing_model_folder(capsys, tmp_path):
+    rc, out, err = _run(capsys, "understand", "--model", tmp_path / "nowhere", "--prompt", "hi")
+    _assert_one_line_error(rc, out, err, f"model folder {tmp_path / 'nowhere'} does not exist")
+
+
+def test_error_latents_file(capsys, tmp_path, tiny_dir):
+    save_file({"noise": torch.zeros(16, 8, 8)}, str(tmp_path / "wrong.safetensors"))
+    args = ["generate", "--model", tiny_dir, "--prompt", P, "--out", tmp_path / "o.png", "--steps", 2]
+    rc, out, err = _run(capsys, *args, "--latents", tmp_path / "wrong.safetensors")
+    _assert_one_line_error(rc, out, err, "holds ['noise'], not a tensor named 'latents'")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    rc, out, err = _run(capsys, *args, "--latents", tmp_path / "junk.safetensors")
+    _assert_one_line_error(rc, out, err, "is not a readable safetensors file")
+    save_file({"latents": torch.zeros(16, 8, 9)}, str(tmp_path / "shape.safetensors"))
+    rc, out, err = _run(
+        capsys, *args, "--width", 64, "--height", 64, "--latents", tmp_path / "shape.safetensors"
+    )
+    _assert_one_line_error(rc, out, err, "latents have shape [16, 8, 9], expected [16, 8, 8]")
+
+
+def test_error_exit_status_of_the_entry_point(tmp_path):
+    proc = _subprocess(tmp_path, "understand", "--model", tmp_path / "nowhere", "--prompt", "hi")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: model folder")

@@ -1,0 +1,460 @@
+"""The five tasks on the tiny random model (float32, CPU, 64x64 images, a few steps).
+
+- The sampler's cost: decoder passes are counted by wrapping `model.net.forward`, per CFG setting
+  (BAGEL_REFERENCE §5.5: no CFG pass outside the window or with a scale <= 1; the image branch of plain
+  text-to-image is the conditional history, so its pass is reused).
+- Fast path == plain path: `tasks.denoise` equals a plain loop written here that runs every branch at every
+  step, and reusing the conditional pass equals recomputing it on an equal but distinct history.
+- Every task runs and extends the context as the official inferencer would (§5.3), seeds and latents
+  behave, bad inputs fail with a message, and an exception raised in the callback stops a task.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from bagel_model import tasks
+from bagel_model.context import Context, History, Query, image_routing, latent_positions, run_query
+from bagel_model.images import unpatchify_latent
+from bagel_model.sampling import FlowSettings, cfg_active, combine_cfg, schedule
+from bagel_model.tasks import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, TextSettings
+
+P = "a red circle at the top left, a blue square at the center"
+E = "make the circle green"
+Q = "what color is the circle?"
+SHORT = TextSettings(max_new_tokens=4)
+T2I = FlowSettings(num_steps=3)
+EDIT = FlowSettings(num_steps=3, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), renorm_type="text_channel")
+
+
+def _picture(size=(64, 64)) -> Image.Image:
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    d.ellipse((4, 4, 28, 28), fill="red")
+    d.rectangle((30, 30, 56, 50), fill="blue")
+    return im
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _kinds(history: History) -> list[str]:
+    return [s.kind for s in history.segments]
+
+
+def _noise(model, n=16, seed=0):
+    return torch.randn(n, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def picture():
+    return _picture()
+
+
+@pytest.fixture(scope="module")
+def t2i_ctx(tiny_model):
+    return Context.empty(tiny_model).append_text(P)
+
+
+@pytest.fixture(scope="module")
+def edit_ctx(tiny_model, picture):
+    return Context.empty(tiny_model).append_image(picture).append_text(E)
+
+
+@pytest.fixture
+def count_passes(tiny_model):
+    """Count decoder passes (calls of model.net.forward, recording each query's length) from now on."""
+    net, calls = tiny_model.net, []
+    original = net.forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    net.forward = counting  # an instance attribute shadows the method until deleted
+    yield calls
+    del net.forward
+
+
+# -- the sampler's passes -----------------------------------------------------------------------------
+
+
+def six(**kwargs) -> FlowSettings:
+    """6 steps at shift 1 evaluate t = 1, 0.8, 0.6, 0.4, 0.2: three inside the window (0.5, 1]. (The
+    window's start is kept off the evaluated times; the boundary itself is pinned in test_sampling.)"""
+    return FlowSettings(**{"num_steps": 6, "timestep_shift": 1.0, "cfg_interval": (0.5, 1.0), **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("which", "settings", "expected"),
+    [
+        ("t2i", six(cfg_text_scale=1.0), 5),
+        ("t2i", six(cfg_text_scale=4.0, cfg_img_scale=1.0), 5 + 3),
+        ("t2i", six(cfg_text_scale=4.0, cfg_img_scale=2.0), 5 + 3),  # image branch reused
+        ("edit", six(cfg_text_scale=1.0, cfg_img_scale=1.0), 5),
+        ("edit", six(cfg_text_scale=4.0, cfg_img_scale=1.0), 5 + 3),
+        ("edit", six(cfg_text_scale=4.0, cfg_img_scale=2.0), 5 + 2 * 3),
+        ("edit", six(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)), 3 * 5),
+        ("edit", six(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 0.0)), 5),
+        ("edit", six(cfg_text_scale=1.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)), 5),
+        # shift 3, 10 steps: 8 of 9 times in (0.4, 1]
+        ("edit", FlowSettings(num_steps=10, cfg_img_scale=2.0), 9 + 2 * 8),
+    ],
+)
+def test_denoise_pass_count(tiny_model, t2i_ctx, edit_ctx, count_passes, which, settings, expected):
+    ctx = t2i_ctx if which == "t2i" else edit_ctx
+    _, passes = tasks.denoise(tiny_model, ctx, 64, 64, settings, _noise(tiny_model))
+    assert passes == expected
+    assert len(count_passes) == expected
+    assert set(count_passes) == {16 + 2}  # every pass is the image query, nothing else runs
+
+
+def test_generate_image_passes(tiny_model, count_passes):
+    """generate_image: one prefill for the prompt, the sampler's passes, then the image's VAE and ViT."""
+    settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0)
+    tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings)
+    assert len(count_passes) == 1 + (5 + 3) + 2
+
+
+def _plain_denoise(model, ctx, height, width, settings, noise):
+    """Every branch at every step, each on its own history, then the official combination."""
+    h, w = height // 16, width // 16
+    m = model.tokenizer.markers
+    start, end = model.net.embed_text(torch.tensor([m.start_of_image, m.end_of_image])).split(1)
+    x = noise.clone()
+    times, steps = schedule(settings.num_steps, settings.timestep_shift)
+    for t, dt in zip(times, steps, strict=True):
+        inner = model.net.embed_latents(x, torch.tensor(t), latent_positions(model, h, w))
+        query = Query(
+            torch.cat([start, inner, end]),
+            torch.zeros(h * w + 2, dtype=torch.long),
+            image_routing(h * w, x.device),
+            causal=False,
+        )
+        v, v_text, v_img = (
+            model.net.velocity(run_query(model, hist, query)[0][1:-1])
+            for hist in (ctx.cond, ctx.uncond_text, ctx.uncond_img)
+        )
+        if cfg_active(t, settings.cfg_interval):
+            v = combine_cfg(
+                v,
+                v_text,
+                v_img,
+                settings.cfg_text_scale,
+                settings.cfg_img_scale,
+                settings.renorm_type,
+                settings.renorm_min,
+            )
+        x = x - v * dt
+    return x
+
+
+@pytest.mark.parametrize("renorm", ["global", "text_channel"])
+@torch.no_grad()
+def test_denoise_equals_plain_loop(tiny_model, edit_ctx, renorm):
+    settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0, renorm_type=renorm)
+    noise = _noise(tiny_model, seed=1)
+    fast, _ = tasks.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    plain = _plain_denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    # the guidance acts: without it the result differs
+    unguided, _ = tasks.denoise(tiny_model, edit_ctx, 64, 64, six(cfg_text_scale=1.0), noise)
+    assert (fast - unguided).abs().max() > 1e-3
+
+
+def test_reused_image_branch_equals_recomputed(tiny_model, t2i_ctx):
+    """T2I image CFG: uncond_img is cond, so its pass is reused; on an equal but distinct history (a fresh
+    prefill of the same prompt) it is recomputed, with the same result."""
+    assert t2i_ctx.uncond_img is t2i_ctx.cond
+    twin = Context.empty(tiny_model).append_text(P).cond
+    assert twin.segments[0] is not t2i_ctx.cond.segments[0]
+    forced = Context(tiny_model, t2i_ctx.cond, t2i_ctx.uncond_text, twin)
+    settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0)
+    noise = _noise(tiny_model, seed=2)
+    reused, n_reused = tasks.denoise(tiny_model, t2i_ctx, 64, 64, settings, noise)
+    recomputed, n_recomputed = tasks.denoise(tiny_model, forced, 64, 64, settings, noise)
+    assert (n_reused, n_recomputed) == (5 + 3, 5 + 2 * 3)
+    torch.testing.assert_close(reused, recomputed, atol=1e-6, rtol=1e-6)
+
+
+def test_denoise_callback_reports_each_step(tiny_model, t2i_ctx):
+    seen = []
+    x, _ = tasks.denoise(
+        tiny_model, t2i_ctx, 64, 64, T2I, _noise(tiny_model), callback=lambda i, n, p: seen.append((i, n, p))
+    )
+    assert [(i, n) for i, n, _ in seen] == [(1, 2), (2, 2)]
+    assert seen[-1][2] is x and seen[0][2].shape == (16, tiny_model.config.patch_latent_dim)
+
+
+# -- understanding and thinking -----------------------------------------------------------------------
+
+
+def test_understand_text_only(tiny_model):
+    steps = []
+    answer, ctx = tasks.understand(
+        tiny_model, Q, settings=SHORT, callback=lambda i, n, text: steps.append((i, n, text))
+    )
+    assert answer.strip()
+    assert [(s.kind, s.text) for s in ctx.cond.segments] == [("text", Q), ("text", answer)]
+    # one callback per decoded token, within the budget, the payload being the text so far
+    assert 1 <= len(steps) <= SHORT.max_new_tokens
+    assert [i for i, _, _ in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1][1:] == (SHORT.max_new_tokens, answer)
+    # greedy: the same answer again
+    assert tasks.understand(tiny_model, Q, settings=SHORT)[0] == answer
+
+
+def test_understand_with_image_and_think(tiny_model, picture):
+    answer, ctx = tasks.understand(tiny_model, Q, image=picture, settings=SHORT)
+    assert answer.strip()
+    assert _kinds(ctx.cond) == ["vit", "text", "text"]  # understanding images are ViT only
+    assert ctx.cond.segments[-1].text == answer
+    no_image, _ = tasks.understand(tiny_model, Q, settings=SHORT)
+    assert no_image != answer  # the image is seen
+
+    thought_answer, ctx = tasks.understand(tiny_model, Q, image=picture, think=True, settings=SHORT)
+    assert [(s.kind, s.text) for s in ctx.cond.segments[:3]] == [
+        ("text", VLM_THINK_SYSTEM_PROMPT),
+        ("vit", None),
+        ("text", Q),
+    ]
+    assert thought_answer != answer
+
+    # a follow-up question sees the whole conversation
+    _, follow = tasks.understand(tiny_model, "how many shapes are there?", context=ctx, settings=SHORT)
+    assert all(
+        a is b for a, b in zip(follow.cond.segments[: len(ctx.cond.segments)], ctx.cond.segments, strict=True)
+    )
+    assert follow.cond.segments[len(ctx.cond.segments)].text == "how many shapes are there?"
+
+
+@pytest.mark.parametrize(("mode", "image_kinds"), [("generate", ["vae", "vit"]), ("answer", ["vit"])])
+def test_think_modes(tiny_model, picture, mode, image_kinds):
+    system = GEN_THINK_SYSTEM_PROMPT if mode == "generate" else VLM_THINK_SYSTEM_PROMPT
+    thought, ctx = tasks.think(tiny_model, E, image=picture, mode=mode, settings=SHORT)
+    assert thought.strip()
+    assert _kinds(ctx.cond) == ["text", *image_kinds, "text", "text"]
+    assert ctx.cond.segments[0].text == system
+    assert ctx.cond.segments[-2].text == E and ctx.cond.segments[-1].text == thought
+    # the thought joins the conditional history only
+    assert [(s.kind, s.text) for s in ctx.uncond_img.segments] == [("text", system), ("text", E)]
+    assert _kinds(ctx.uncond_text) == ["text", *image_kinds]
+    assert ctx.uncond_text.segments[0] is ctx.cond.segments[0]
+
+
+def test_think_then_generate(tiny_model):
+    thought, ctx = tasks.think(tiny_model, P, settings=SHORT)
+    assert [s.text for s in ctx.cond.segments] == [GEN_THINK_SYSTEM_PROMPT, P, thought]
+    image, out = tasks.generate_image(tiny_model, None, context=ctx, settings=T2I)
+    assert image.size == (64, 64)
+    assert _kinds(out.cond) == ["text", "text", "text", "vae", "vit"]
+    # the plan changes the image
+    plain, _ = tasks.generate_image(
+        tiny_model, None, context=Context.empty(tiny_model).append_text(P), settings=T2I
+    )
+    assert np.abs(_pixels(image) - _pixels(plain)).max() > 0
+
+
+def test_generate_text_sampling_is_seeded(tiny_model):
+    history = Context.empty(tiny_model).append_text(Q).cond
+    before = history.kv().k.clone()
+    sampled = TextSettings(max_new_tokens=6, do_sample=True, temperature=1.5)
+    runs = [tasks.generate_text(tiny_model, history, sampled, seed=s) for s in (0, 0, 1, 2, 3)]
+    assert runs[0] == runs[1]
+    assert len(set(runs)) > 2
+    assert torch.equal(history.kv().k, before)  # decoding never writes into the history
+
+
+def test_generate_text_one_pass_per_token(tiny_model, count_passes):
+    history = Context.empty(tiny_model).append_text(Q).cond
+    count_passes.clear()
+    tokens = []
+    tasks.generate_text(tiny_model, history, SHORT, callback=lambda i, n, t: tokens.append(i))
+    stopped_early = len(tokens) < SHORT.max_new_tokens
+    assert len(count_passes) == len(tokens) + stopped_early
+    assert set(count_passes) == {1}
+
+
+def test_text_settings_validation():
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        TextSettings(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature must be positive when sampling"):
+        TextSettings(do_sample=True, temperature=0.0)
+    TextSettings(do_sample=False, temperature=0.0)  # unused when greedy
+
+
+# -- image generation ---------------------------------------------------------------------------------
+
+
+def test_generate_image_seed_and_context(tiny_model):
+    a, ctx = tasks.generate_image(tiny_model, P, settings=T2I, seed=3)
+    b, _ = tasks.generate_image(tiny_model, P, settings=T2I, seed=3)
+    c, _ = tasks.generate_image(tiny_model, P, settings=T2I, seed=4)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert np.array_equal(_pixels(a), _pixels(b))
+    assert not np.array_equal(_pixels(a), _pixels(c))
+    # the result joins the context as a clean image, exactly as appending it by hand would
+    assert _kinds(ctx.cond) == ["text", "vae", "vit"]
+    assert ctx.image_size == (64, 64)
+    by_hand = Context.empty(tiny_model).append_text(P).append_image(a)
+    for got, want in zip(ctx.cond.segments, by_hand.cond.segments, strict=True):
+        torch.testing.assert_close(got.kv.k, want.kv.k)
+
+
+def test_generate_image_latents_override_seed(tiny_model):
+    settings = T2I
+    seeded, _ = tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings, seed=0)
+    assert seeded.size == (96, 64)
+    # the seed's noise, handed over in the official latent layout [z, H/8, W/8], gives the same image
+    noise = tasks.initial_noise(tiny_model, 64, 96, 0, None)
+    latents = unpatchify_latent(noise, 4, 6, 2, tiny_model.config.latent_channels)
+    assert latents.shape == (16, 8, 12)
+    same, _ = tasks.generate_image(
+        tiny_model, P, height=64, width=96, settings=settings, seed=7, latents=latents
+    )
+    assert np.array_equal(_pixels(same), _pixels(seeded))
+    other, _ = tasks.generate_image(
+        tiny_model, P, height=64, width=96, settings=settings, seed=0, latents=torch.randn(16, 8, 12)
+    )
+    assert not np.array_equal(_pixels(other), _pixels(seeded))
+    with pytest.raises(
+        ValueError, match=r"latents have shape \[16, 12, 8\], expected \[16, 8, 12\] for 64x96"
+    ):
+        tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings, latents=latents.mT)
+
+
+def test_edit_image_size_and_chain(tiny_model):
+    # 100x70 -> the tiny model's VAE rule (max 256, min 64, stride 16) -> 96x64
+    source = _picture((100, 70))
+    edited, ctx = tasks.edit_image(tiny_model, source, E, settings=EDIT)
+    assert edited.size == (96, 64)
+    assert _kinds(ctx.cond) == ["vae", "vit", "text", "vae", "vit"]
+    assert ctx.image_size == (64, 96)
+    # the edit uses the image
+    blank, _ = tasks.edit_image(tiny_model, Image.new("RGB", (100, 70), "white"), E, settings=EDIT)
+    assert not np.array_equal(_pixels(edited), _pixels(blank))
+
+    # image=None edits the context's latest image, without re-encoding earlier turns
+    again, ctx2 = tasks.edit_image(
+        tiny_model, None, "move the red circle to the bottom right", context=ctx, settings=EDIT
+    )
+    assert again.size == (96, 64)
+    n = len(ctx.cond.segments)
+    assert all(a is b for a, b in zip(ctx2.cond.segments[:n], ctx.cond.segments, strict=True))
+    assert _kinds(ctx2.cond)[n:] == ["text", "vae", "vit"]
+    # after the result is appended, the text-unconditional history is the whole context (officially
+    # cfg_text = gen after an image) and the image-unconditional one holds the two instructions only
+    assert ctx2.uncond_text is ctx2.cond
+    assert _kinds(ctx2.uncond_img) == ["text", "text"]
+
+
+def test_edit_errors(tiny_model, picture):
+    with pytest.raises(ValueError, match="edit needs an image, or a context that holds one"):
+        tasks.edit_image(tiny_model, None, E, settings=EDIT)
+    with pytest.raises(ValueError, match="edit needs an image"):
+        tasks.edit_image(tiny_model, None, E, context=Context.empty(tiny_model).append_text(P), settings=EDIT)
+    with pytest.raises(ValueError, match="the edit instruction is empty"):
+        tasks.edit_image(tiny_model, picture, "  ", settings=EDIT)
+
+
+def test_generate_sequence(tiny_model):
+    prompts = ["the red circle moves right", "the red circle moves down"]
+    frames, ctx = tasks.generate_sequence(tiny_model, prompts, settings=EDIT, seed=5)
+    assert [f.size for f in frames] == [(64, 64), (64, 64)]
+    assert _kinds(ctx.cond) == ["text", "vae", "vit"] * 2
+    assert [s.text for s in ctx.cond.segments if s.kind == "text"] == prompts
+    # frame k is generate_image on the context so far, with seed + k
+    first, after_first = tasks.generate_image(tiny_model, prompts[0], settings=EDIT, seed=5)
+    second, _ = tasks.generate_image(tiny_model, prompts[1], context=after_first, settings=EDIT, seed=6)
+    assert np.array_equal(_pixels(frames[0]), _pixels(first))
+    assert np.array_equal(_pixels(frames[1]), _pixels(second))
+
+
+def test_generate_sequence_from_image(tiny_model):
+    frames, ctx = tasks.generate_sequence(
+        tiny_model, ["the red circle moves right"], image=_picture((100, 70)), settings=EDIT
+    )
+    assert frames[0].size == (96, 64)
+    assert _kinds(ctx.cond) == ["vae", "vit", "text", "vae", "vit"]
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tasks.generate_sequence(tiny_model, [], settings=EDIT)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        tasks.generate_sequence(tiny_model, [" ", "x"], settings=EDIT)
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "message"),
+    [
+        (70, 64, "height 70 must be a multiple of 16 between 16 and 1024"),
+        (64, 1040, "width 1040 must be a multiple of 16 between 16 and 1024"),
+        (8, 64, "height 8 must be"),
+        (-16, 64, "height -16 must be"),
+    ],
+)
+def test_image_size_errors(tiny_model, height, width, message):
+    with pytest.raises(ValueError, match=message):
+        tasks.generate_image(tiny_model, P, height=height, width=width, settings=T2I)
+
+
+def test_empty_inputs(tiny_model):
+    with pytest.raises(ValueError, match="the prompt is empty and there is no context to generate from"):
+        tasks.generate_image(tiny_model, "  ", settings=T2I)
+    with pytest.raises(ValueError, match="no context"):
+        tasks.generate_image(tiny_model, None, settings=T2I)
+    with pytest.raises(ValueError, match="the question is empty"):
+        tasks.understand(tiny_model, "", settings=SHORT)
+    with pytest.raises(ValueError, match="the instruction is empty"):
+        tasks.think(tiny_model, " ", settings=SHORT)
+    with pytest.raises(ValueError, match="think mode 'plan' is unknown"):
+        tasks.think(tiny_model, P, mode="plan", settings=SHORT)
+
+
+# -- interruption -------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _stop_at(step):
+    seen = []
+
+    def callback(i, n, payload):
+        seen.append(i)
+        if i == step:
+            raise Interrupted
+
+    return callback, seen
+
+
+def test_callback_exception_stops_generation(tiny_model, t2i_ctx, count_passes):
+    segments, histories = t2i_ctx.cond.segments, (t2i_ctx.cond, t2i_ctx.uncond_text, t2i_ctx.uncond_img)
+    k_before = t2i_ctx.cond.kv().k.clone()
+    settings = six(cfg_text_scale=1.0)
+    callback, seen = _stop_at(2)
+    with pytest.raises(Interrupted):
+        tasks.generate_image(tiny_model, None, context=t2i_ctx, settings=settings, callback=callback)
+    assert seen == [1, 2]
+    assert len(count_passes) == 2  # stopped right away: no further step, no decode or append
+    # the input context is untouched and still works
+    assert t2i_ctx.cond.segments is segments
+    assert (t2i_ctx.cond, t2i_ctx.uncond_text, t2i_ctx.uncond_img) == histories
+    assert torch.equal(t2i_ctx.cond.kv().k, k_before)
+    after, _ = tasks.generate_image(tiny_model, None, context=t2i_ctx, settings=settings)
+    fresh, _ = tasks.generate_image(tiny_model, P, settings=settings)
+    assert np.array_equal(_pixels(after), _pixels(fresh))
+
+
+def test_callback_exception_stops_decoding(tiny_model, count_passes):
+    callback, seen = _stop_at(1)
+    with pytest.raises(Interrupted):
+        tasks.understand(tiny_model, Q, settings=TextSettings(max_new_tokens=50), callback=callback)
+    assert seen == [1]
+    assert len(count_passes) == 1 + 1  # the question's prefill and one decoding step
