@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import BagelConfig, ConfigError, InferenceConfig, LLMConfig, VAEConfig, ViTConfig
+from .layers.attention import check_backend
 from .layers.vae import AutoEncoder
 from .model import Bagel, BagelModel
 from .tokenizer import BagelTokenizer
@@ -143,8 +144,13 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype = torch.float32,
+    attention: str = "auto",
 ) -> BagelModel:
-    """Load an official-layout BAGEL folder. Strict: any missing, extra or mis-shaped tensor is an error."""
+    """Load an official-layout BAGEL folder. Strict: any missing, extra or mis-shaped tensor is an error.
+
+    `attention` picks the attention backend (`layers.attention.BACKENDS`); an unusable one is refused here,
+    before any weight is read."""
+    check_backend(attention)
     folder = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -159,6 +165,7 @@ def load(
         net, vae = Bagel(cfg), AutoEncoder(cfg.vae)
     stream_weights(net, folder / "ema.safetensors", device, dtype)
     stream_weights(vae, folder / "ae.safetensors", device, vae_dtype)
+    net.attn_backend = attention
     return BagelModel(net=net.eval(), vae=vae.eval(), tokenizer=tokenizer, config=cfg, source=folder)
 
 

@@ -92,10 +92,10 @@ class Query:
     causal: bool
 
 
-def run_query(model: BagelModel, history: History, query: Query, backend: str = "auto"):
+def run_query(model: BagelModel, history: History, query: Query):
     """One decoder pass of `query` placed after `history`: (final hidden states (n, D), the query's K/V)."""
     positions = query.offsets + history.rope
-    return model.net(query.embeds, positions, query.routing, history.kv(), query.causal, backend)
+    return model.net(query.embeds, positions, query.routing, history.kv(), query.causal)
 
 
 def _markers(model: BagelModel, inner: torch.Tensor) -> torch.Tensor:

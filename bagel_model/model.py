@@ -50,6 +50,7 @@ class Bagel(nn.Module):
         self.vit_model = SiglipVisionModel(cfg.vit)
         self.connector = Connector(cfg.vit.hidden_size, d)
         self.vit_pos_embed = PositionTable(cfg.vit_max_num_patch_per_side, d)
+        self.attn_backend: Backend = "auto"  # a setting (chosen at load), not state
 
     @property
     def device(self) -> torch.device:
@@ -84,11 +85,10 @@ class Bagel(nn.Module):
         routing: Routing,
         past: KV | KVWorkspace | None,
         causal: bool,
-        backend: Backend = "auto",
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """A decoder pass of a query after the prefix `past`: final hidden states and the query's K/V."""
-        return self.language_model.model(embeds, positions, routing, past, causal, backend, mask)
+        return self.language_model.model(embeds, positions, routing, past, causal, self.attn_backend, mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)

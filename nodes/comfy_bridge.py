@@ -1,0 +1,135 @@
+"""The one seam between the nodes and ComfyUI.
+
+Everything ComfyUI-specific the nodes use goes through here: the `models/bagel` folder, the compute and
+offload devices, the memory manager (a `ModelPatcher`, so ComfyUI can offload BAGEL when other models need
+room, and its "Unload models" / `POST /free` reach it), progress bars and interrupts. Each ComfyUI module
+is imported lazily and every function has a plain fallback, so the nodes import, run and test without
+ComfyUI (CI has none).
+
+This module knows no BAGEL task and no ComfyUI type conversion: it carries a loaded model and reports
+progress, nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ..bagel_model import BagelModel
+
+MODEL_FOLDER = "bagel"
+
+
+def _comfy(name: str) -> ModuleType | None:
+    """ComfyUI's module `name` (e.g. "comfy.utils", "folder_paths"), or None outside ComfyUI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+# -- model files ------------------------------------------------------------------------------------
+
+
+def register_model_folder() -> None:
+    """Add `<models>/bagel` to ComfyUI's folders, after any the user set in extra_model_paths.yaml."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
+def model_roots() -> list[Path]:
+    """Folders whose subfolders are BAGEL models, in ComfyUI's order; none outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return []
+    return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
+
+
+# -- devices and memory -----------------------------------------------------------------------------
+
+
+def devices() -> tuple[torch.device, torch.device]:
+    """(compute device, offload device) as ComfyUI chose them (honouring --cpu, --highvram, ...);
+    outside ComfyUI, CUDA when available for both."""
+    mm = _comfy("comfy.model_management")
+    if mm is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return device, device
+    return mm.get_torch_device(), mm.unet_offload_device()
+
+
+class BagelWeights(nn.Module):
+    """The network and its autoencoder as one module: the unit ComfyUI's ModelPatcher moves and frees.
+    (`Bagel.device` is a read-only property, and the patcher needs to set `.device` on what it moves.)"""
+
+    def __init__(self, model: BagelModel):
+        super().__init__()
+        self.net = model.net
+        self.vae = model.vae
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ManagedModel:
+    """What flows on a BAGEL_MODEL socket: the loaded model plus, inside ComfyUI, the ModelPatcher that
+    puts it under ComfyUI's memory management. Contexts check the model's identity, so one loader output
+    must feed a whole chain."""
+
+    model: BagelModel
+    patcher: object | None = None
+
+    def __repr__(self) -> str:
+        return f"ManagedModel({self.model.source}, {self.model.device}, {self.model.dtype})"
+
+    def ready(self) -> BagelModel:
+        """The model, on the compute device: ComfyUI may have offloaded it since the last node ran.
+        A full load, because BAGEL's layers cannot run with some weights left on another device."""
+        if self.patcher is not None:
+            _comfy("comfy.model_management").load_models_gpu([self.patcher], force_full_load=True)
+        return self.model
+
+
+def manage(model: BagelModel, compute: torch.device, offload: torch.device) -> ManagedModel:
+    """Hand `model` (loaded on `offload`) to ComfyUI's memory manager; a plain wrapper outside ComfyUI."""
+    model_patcher = _comfy("comfy.model_patcher")
+    if model_patcher is None:
+        return ManagedModel(model)
+    return ManagedModel(model, model_patcher.ModelPatcher(BagelWeights(model), compute, offload))
+
+
+# -- progress ---------------------------------------------------------------------------------------
+
+
+class Progress:
+    """The library's `callback(step, total, payload)` as ComfyUI progress.
+
+    Each call is one decoded token or one denoising step. It checks ComfyUI's interrupt flag first (so
+    "Cancel" stops a run within one step or token: the exception propagates out of the library task,
+    which leaves every context untouched), then advances the node's progress bar. `runs` joins several
+    denoising loops (one per frame) into one bar.
+
+    No step previews: a faithful one costs a decode through the model's autoencoder at every step, and
+    ComfyUI's cheap latent-to-RGB factors fit only the official FLUX autoencoder, not the bundled model's."""
+
+    def __init__(self, runs: int = 1):
+        self._runs = runs
+        self._done = 0
+        self._bar = None
+        self._utils = _comfy("comfy.utils")
+        mm = _comfy("comfy.model_management")
+        self._check_interrupt = mm.throw_exception_if_processing_interrupted if mm else None
+
+    def __call__(self, step: int, total: int, payload: object) -> None:
+        if self._check_interrupt is not None:
+            self._check_interrupt()
+        self._done += 1
+        if self._utils is not None:
+            if self._bar is None:
+                self._bar = self._utils.ProgressBar(total * self._runs)
+            self._bar.update_absolute(self._done)

@@ -1,0 +1,191 @@
+"""A real ComfyUI server with this pack installed, for the tests in this folder.
+
+Skipped unless $COMFYUI_DIR points at a ComfyUI checkout; $COMFYUI_PYTHON is the interpreter that runs it
+(default: this one). The server runs on the CPU, offline, on a free loopback port, from a temporary base
+directory whose only custom node is this repository (linked), so the user's ComfyUI install, models and
+outputs are never touched. It is started once per session and stopped by its process id.
+
+The client speaks ComfyUI's HTTP + websocket API as a headless user would: POST /prompt with a client id,
+read the websocket until the prompt succeeds, fails or is interrupted, then GET /history and /view.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+PACK_DIR_NAME = "comfyui-bagel-mot"
+BOOT_SECONDS = 180
+
+
+def comfyui_dir() -> Path:
+    value = os.environ.get("COMFYUI_DIR")
+    if not value:
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) to run")
+    path = Path(value)
+    if not (path / "main.py").is_file():
+        pytest.fail(f"COMFYUI_DIR={path} has no main.py")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Run:
+    """One executed prompt: how it ended, every websocket event for it, its history entry, its duration."""
+
+    prompt_id: str
+    status: str  # execution_success | execution_error | execution_interrupted
+    events: list[dict]
+    history: dict
+    seconds: float
+
+    def event(self, kind: str) -> dict:
+        return next(e["data"] for e in self.events if e["type"] == kind)
+
+    @property
+    def cached(self) -> set[str]:
+        return {n for e in self.events if e["type"] == "execution_cached" for n in e["data"]["nodes"]}
+
+
+@dataclass
+class ComfyServer:
+    url: str
+    log: Path
+    process: subprocess.Popen
+    base: Path
+    pack: str = PACK_DIR_NAME  # ComfyUI names a pack after its folder (/extensions/<pack>/, templates)
+    client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=60) as response:
+            return response.read()
+
+    def get_json(self, path: str):
+        return json.loads(self.get(path))
+
+    def post(self, path: str, body: object) -> bytes:
+        request = urllib.request.Request(
+            self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read()
+
+    def free(self) -> None:
+        """Unload models and drop cached node outputs, so the next prompt runs from scratch."""
+        self.post("/free", {"unload_models": True, "free_memory": True})
+        time.sleep(1.0)  # the prompt worker applies the flags between prompts
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def run(self, prompt: dict, on_event: Callable[[dict], None] | None = None, timeout: float = 600) -> Run:
+        """Queue `prompt` (API format) and follow it to its end over the websocket."""
+        websocket = pytest.importorskip("websocket", reason="pip install websocket-client")
+        ws = websocket.create_connection(
+            self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}", timeout=timeout
+        )
+        try:
+            start = time.monotonic()
+            answer = json.loads(self.post("/prompt", {"prompt": prompt, "client_id": self.client_id}))
+            prompt_id, events = answer["prompt_id"], []
+            while True:
+                message = ws.recv()
+                if isinstance(message, bytes):  # previews and other binary frames
+                    continue
+                event = json.loads(message)
+                if event.get("data", {}).get("prompt_id") != prompt_id:
+                    continue
+                events.append(event)
+                if on_event is not None:
+                    on_event(event)
+                if event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                    break
+            seconds = time.monotonic() - start
+        finally:
+            ws.close()
+        return Run(prompt_id, event["type"], events, self.history(prompt_id), seconds)
+
+    def history(self, prompt_id: str, wait: float = 30) -> dict:
+        """The history entry of a prompt; the server writes it just after the websocket says it ended."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in found or time.monotonic() > deadline:
+                return found[prompt_id]
+            time.sleep(0.05)
+
+    def images(self, run: Run, node_id: str) -> list[Image.Image]:
+        """The images an output node of `run` saved or previewed, fetched through /view."""
+        found = []
+        for item in run.history["outputs"][node_id]["images"]:
+            query = urllib.parse.urlencode({k: item[k] for k in ("filename", "subfolder", "type")})
+            found.append(Image.open(io.BytesIO(self.get(f"/view?{query}"))).convert("RGB"))
+        return found
+
+
+def _start(comfy: Path, base: Path, log: Path) -> ComfyServer:
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
+    port = free_port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
+    command += [
+        "--disable-auto-launch",
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+    ]
+    # Offline, and one thread: the tiny bundled model is fastest single-threaded on a small shared CPU.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=comfy, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = ComfyServer(f"http://127.0.0.1:{port}", log, process, base)
+    deadline = time.monotonic() + BOOT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"ComfyUI exited with {process.returncode}:\n{server.log_text()[-3000:]}")
+        try:
+            server.get("/system_stats")
+            return server
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"ComfyUI did not answer within {BOOT_SECONDS} s:\n{server.log_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def comfy_dir() -> Path:
+    return comfyui_dir()
+
+
+@pytest.fixture(scope="session")
+def server(comfy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("comfyui_base")
+    started = _start(comfy_dir, base, base / "comfyui.log")
+    yield started
+    started.process.terminate()
+    try:
+        started.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        started.process.kill()

@@ -1,0 +1,217 @@
+"""The UI-format example workflows in ComfyUI's own frontend, in headless Chromium.
+
+Each workflow is loaded through the page's JavaScript (`app.loadGraphData`, what drag-and-drop does): every
+node type must be registered (no "missing nodes"), every widget must read back the value the file stores,
+and the frontend's conversion to a prompt (`app.graphToPrompt`, what "Queue" sends) must equal the
+API-format twin in example_workflows/api/. Then each workflow is queued from the page, and the nodes must
+show their text and context summary (web/bagel.js); the page is screenshotted (kept in pytest's temporary
+folder; with BAGEL_WRITE_THUMBNAILS=1 also written as the workflow's thumbnail).
+
+Needs $COMFYUI_DIR (see conftest.py) and Debian's `chromium` (or $CHROMIUM); skipped otherwise. Chromium
+is driven over the DevTools protocol with websocket-client, started with a fresh profile and no network
+features, and stopped by its process id.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
+NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+APP = "window.comfyAPI.app.app"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+class Page:
+    """One Chromium tab over the DevTools protocol: evaluate JavaScript, take screenshots."""
+
+    def __init__(self, url: str, width: int = 1600, height: int = 1000):
+        websocket = pytest.importorskip("websocket", reason="pip install websocket-client")
+        binary = os.environ.get("CHROMIUM") or shutil.which("chromium")
+        if not binary:
+            pytest.skip("no chromium (apt-get install chromium, or set $CHROMIUM)")
+        self.profile = tempfile.mkdtemp(prefix="bagel-chromium-")
+        self.process = subprocess.Popen(
+            [binary, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0"]
+            + [f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.exceptions: list[dict] = []
+        self._ids = itertools.count(1)
+        self.ws = websocket.create_connection(self._page_socket(), timeout=120, suppress_origin=True)
+        self.call("Runtime.enable")
+        self.call("Page.navigate", url=url)
+        self.wait_for(f"!!({APP}?.graph && {APP}.vueAppReady)")
+
+    def _page_socket(self) -> str:
+        """The tab's DevTools websocket; Chromium writes the port it picked into the profile folder."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                port = (Path(self.profile) / "DevToolsActivePort").read_text().split()[0]
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as response:
+                    targets = json.loads(response.read())
+                return next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+            except (OSError, IndexError, StopIteration):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def call(self, method: str, **params):
+        call_id = next(self._ids)
+        self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("method") == "Runtime.exceptionThrown":
+                self.exceptions.append(message["params"]["exceptionDetails"])
+            if message.get("id") == call_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def js(self, expression: str):
+        """Evaluate `expression` in the page (awaiting a promise) and return its JSON value."""
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(json.dumps(result["exceptionDetails"])[:2000])
+        return result["result"].get("value")
+
+    def wait_for(self, condition: str, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._true(condition):
+            if time.monotonic() > deadline:
+                raise TimeoutError(condition)
+            time.sleep(0.25)
+
+    def _true(self, condition: str) -> bool:
+        try:
+            return bool(self.js(condition))
+        except RuntimeError:
+            return False
+
+    def screenshot(self, clip: dict) -> Image.Image:
+        data = self.call("Page.captureScreenshot", format="png", clip={**clip, "scale": 1})["data"]
+        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+    def close(self) -> None:
+        self.ws.close()
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template picker
+    server.post("/settings/Comfy.Minimap.Visible", False)  # clean screenshots: no minimap, no stats
+    server.post("/settings/Comfy.Graph.CanvasInfo", False)
+    opened = Page(server.url)
+    opened.wait_for("!!LiteGraph.registered_node_types.BAGELLoader")  # node definitions arrive last
+    yield opened
+    opened.close()
+
+
+def load(page: Page, name: str) -> dict:
+    flow = (EXAMPLES / f"{name}.json").read_text()
+    page.js(f"{APP}.loadGraphData({flow}, true, true, {json.dumps(name)})")
+    return json.loads(flow)
+
+
+def test_pack_extension_is_loaded(page):
+    assert "comfyui-bagel-mot.outputs" in page.js(f"{APP}.extensions.map(e => e.name)")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_loads_whole_and_converts_to_its_api_twin(page, name):
+    flow = load(page, name)
+    nodes = page.js(
+        f"""{APP}.graph._nodes.map(n => ({{
+            id: n.id, type: n.type, registered: !!LiteGraph.registered_node_types[n.type],
+            values: (n.widgets || []).filter(w => w.serialize !== false).map(w => w.value) }}))"""
+    )
+    assert [n["id"] for n in nodes] == [n["id"] for n in flow["nodes"]]
+    for node, saved in zip(nodes, flow["nodes"], strict=True):
+        assert node["registered"], f"{name}: node type {node['type']} is missing"
+        assert node["values"] == saved.get("widgets_values", []), f"{name}: node {node['id']} widgets"
+    prompt = page.js(f"{APP}.graphToPrompt().then(p => p.output)")
+    api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
+    assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == {
+        k: (v["class_type"], v["inputs"]) for k, v in api.items()
+    }
+    ours = [e for e in page.exceptions if "comfyui-bagel-mot" in json.dumps(e)]
+    assert not ours, ours
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_queued_from_the_page_the_nodes_show_their_results(page, name, tmp_path):
+    load(page, name)
+    page.js(
+        f"""new Promise(resolve => {{
+            const api = window.comfyAPI.api.api;
+            const done = () => {{ api.removeEventListener('execution_success', done); resolve(); }};
+            api.addEventListener('execution_success', done);
+            {APP}.queuePrompt(0, 1);
+        }})"""
+    )
+    page.wait_for(
+        f"{APP}.graph._nodes.filter(n => n.type.startsWith('BAGEL') && n.type !== 'BAGELLoader')"
+        ".every(n => (n.widgets || []).some(w => w.name === 'bagel_context' && w.label))"
+    )
+    shown = page.js(
+        f"""{APP}.graph._nodes.filter(n => n.type.startsWith('BAGEL')).map(n => ({{type: n.type,
+            text: n.widgets.find(w => w.name === 'bagel_text')?.value,
+            context: n.widgets.find(w => w.name === 'bagel_context')?.label }}))"""
+    )
+    for node in shown:
+        if node["type"] in ("BAGELUnderstand", "BAGELThink"):
+            assert node["text"], node
+        if node["type"] != "BAGELLoader":
+            assert node["context"].startswith("context: ") and node["context"].endswith("MiB"), node
+    picture = fit_and_screenshot(page)
+    picture.save(tmp_path / f"{name}.png")
+    if os.environ.get("BAGEL_WRITE_THUMBNAILS") == "1":
+        picture.thumbnail((1024, 640))
+        picture.save(EXAMPLES / f"{name}.jpg", quality=85)
+
+
+def fit_and_screenshot(page: Page) -> Image.Image:
+    """Zoom the canvas so the whole graph fits, wait for a repaint, and take a picture of the graph."""
+    box = page.js(
+        f"""(() => {{
+            const app = {APP}, rect = app.canvasEl.getBoundingClientRect(), pad = 20;
+            const xs = app.graph._nodes.flatMap(n => [n.pos[0], n.pos[0] + n.size[0]]);
+            const ys = app.graph._nodes.flatMap(n => [n.pos[1] - 30, n.pos[1] + n.size[1]]);
+            const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+            const room = [rect.width - 2 * pad, rect.height - 2 * pad];
+            const scale = Math.min(1, room[0] / (x1 - x0), room[1] / (y1 - y0));
+            app.canvas.ds.scale = scale;
+            app.canvas.ds.offset = [pad / scale - x0, pad / scale - y0];
+            app.graph.setDirtyCanvas(true, true);
+            return {{x: rect.x, y: rect.y, width: Math.min(rect.width, (x1 - x0) * scale + 2 * pad),
+                     height: Math.min(rect.height, (y1 - y0) * scale + 2 * pad)}};
+        }})()"""
+    )
+    time.sleep(1.0)
+    return page.screenshot(box)

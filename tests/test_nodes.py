@@ -1,0 +1,497 @@
+"""The ComfyUI nodes, called the way ComfyUI calls them, without ComfyUI.
+
+The pack is imported as ComfyUI imports it (a package loaded from its folder's path, whose name is not a
+valid module name), and every model comes through the Loader node: the bundled tiny model, sampling 3 steps
+at its 64 px default size, so the whole file runs in seconds. ComfyUI itself is faked only where a test
+needs to see what the nodes hand it (progress, interrupts, the memory manager); tests/comfyui/ runs a real
+server.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "comfyui_bagel_mot"
+FAST = {"steps": 3, "max_new_tokens": 8}  # overrides for speed, applied where a node has the input
+
+
+def _import_pack() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pack = _import_pack()
+lib = pack.bagel_model
+bridge = importlib.import_module(f"{PACK}.nodes.comfy_bridge")
+images = importlib.import_module(f"{PACK}.nodes.images")
+loader = importlib.import_module(f"{PACK}.nodes.loader")
+NODES = pack.NODE_CLASS_MAPPINGS
+SOCKETS = {"BAGEL_MODEL", "BAGEL_CONTEXT", "IMAGE"}
+
+
+def defaults(node_id: str) -> dict:
+    """What a freshly placed node sends: every required widget at its default."""
+    required = NODES[node_id].INPUT_TYPES()["required"]
+    values = {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
+    values.update({k: v for k, v in FAST.items() if k in required})
+    return values
+
+
+def run(node_id: str, **inputs):
+    """Call a node as ComfyUI's executor does: an instance, its FUNCTION, inputs as keywords."""
+    cls = NODES[node_id]
+    out = getattr(cls(), cls.FUNCTION)(**{**defaults(node_id), **inputs})
+    result = out["result"] if isinstance(out, dict) else out
+    assert len(result) == len(cls.RETURN_TYPES)
+    for value, kind in zip(result, cls.RETURN_TYPES, strict=True):
+        if kind == "IMAGE":
+            assert value.dtype == torch.float32 and value.ndim == 4 and value.shape[-1] == 3
+            assert 0.0 <= value.min() and value.max() <= 1.0
+        elif kind == "STRING":
+            assert isinstance(value, str)
+        elif kind == "BAGEL_CONTEXT":
+            assert isinstance(value, lib.Context)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    (managed,) = run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME)
+    return managed
+
+
+@pytest.fixture(scope="module")
+def scene(model):
+    """A generated image and its context, the start of most chains below."""
+    return run("BAGELTextToImage", model=model, prompt="a red circle at the center")["result"]
+
+
+# -- registration and declared inputs -------------------------------------------------------------------
+
+
+def test_pack_registers_seven_prefixed_nodes_and_a_web_folder():
+    assert list(NODES) == [
+        "BAGELLoader",
+        "BAGELUnderstand",
+        "BAGELThink",
+        "BAGELTextToImage",
+        "BAGELEdit",
+        "BAGELMultiFrame",
+        "BAGELNavigate",
+    ]
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
+    assert all(name.startswith("BAGEL ") for name in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
+    assert list((ROOT / pack.WEB_DIRECTORY).glob("*.js"))
+
+
+def test_pack_imports_by_path_with_nothing_on_sys_path(tmp_path):
+    """As in ComfyUI: the folder's parent is not importable, so every import inside must be relative."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('x-y', {str(ROOT / '__init__.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['x-y'] = m; spec.loader.exec_module(m)\n"
+        "print(len(m.NODE_CLASS_MAPPINGS))\n"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "7"
+
+
+@pytest.mark.parametrize("node_id", list(NODES))
+def test_declared_inputs_and_outputs(node_id):
+    cls = NODES[node_id]
+    spec = cls.INPUT_TYPES()
+    assert cls.CATEGORY.startswith("BAGEL") and cls.DESCRIPTION
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+    for name, (kind, options) in {**spec["required"], **spec.get("optional", {})}.items():
+        assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        if name in spec["required"] and (isinstance(kind, list) or kind not in SOCKETS):
+            assert "default" in options, f"{node_id}.{name} has no default"
+        if isinstance(kind, list):
+            assert options.get("default", kind[0]) in kind
+    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    if "sampler" in params:  # **sampler takes the sampler widgets
+        params = {**params, **inspect.signature(pack.nodes.sockets.flow_settings).parameters}
+    assert set(spec["required"]) <= set(params)
+    for name in spec.get("optional", {}):
+        assert params[name].default is not inspect.Parameter.empty
+
+
+def test_seeds_span_comfyui_range_with_control_after_generate():
+    for node_id, cls in NODES.items():
+        seed = cls.INPUT_TYPES()["required"].get("seed")
+        if seed is not None:
+            assert seed[1]["min"] == 0 and seed[1]["max"] == 2**64 - 1, node_id
+            assert seed[1]["control_after_generate"] is True
+
+
+def test_sampler_defaults_are_the_official_ones():
+    for node_id, official in [
+        ("BAGELTextToImage", lib.T2I_SETTINGS),
+        ("BAGELEdit", lib.EDIT_SETTINGS),
+        ("BAGELMultiFrame", lib.EDIT_SETTINGS),
+        ("BAGELNavigate", lib.EDIT_SETTINGS),
+    ]:
+        required = NODES[node_id].INPUT_TYPES()["required"]
+        flow_settings = pack.nodes.sockets.flow_settings
+        knobs = inspect.signature(flow_settings).parameters
+        assert flow_settings(**{k: required[k][1]["default"] for k in knobs}) == official, node_id
+
+
+# -- every node, end to end -----------------------------------------------------------------------------
+
+
+def test_text_to_image_returns_one_image_of_the_requested_size(model):
+    out = run("BAGELTextToImage", model=model, prompt="a blue square at the top left", width=64, height=48)
+    image, ctx = out["result"]
+    assert image.shape == (1, 48, 64, 3)
+    assert out["ui"]["context"] == [ctx.summary()]
+
+
+def test_size_zero_means_the_models_default(model, scene):
+    default = model.model.config.inference
+    assert scene[0].shape == (1, default.default_height, default.default_width, 3)
+
+
+def test_understand_and_think_show_their_text_on_the_node(model, scene):
+    image, ctx = scene
+    out = run("BAGELUnderstand", model=model, question="how many shapes are there?", image=image)
+    answer, answer_ctx = out["result"]
+    assert out["ui"]["text"] == [answer] and out["ui"]["context"] == [answer_ctx.summary()]
+    assert NODES["BAGELUnderstand"].OUTPUT_NODE and NODES["BAGELThink"].OUTPUT_NODE
+    out = run(
+        "BAGELThink",
+        model=model,
+        instruction="what color is the circle?",
+        mode="reason-to-answer",
+        context=ctx,
+    )
+    assert out["ui"]["text"] == [out["result"][0]]
+
+
+def test_think_plan_then_generate_from_the_context_alone(model):
+    thought, ctx = run(
+        "BAGELThink", model=model, instruction="draw a shape with three corners", mode="plan-an-image"
+    )["result"]
+    image, after = run("BAGELTextToImage", model=model, prompt="", context=ctx)["result"]
+    assert image.shape[0] == 1 and after.tokens > ctx.tokens
+
+
+def test_edit_chain_of_three_turns_continues_one_session(model, scene):
+    image, ctx = scene
+    tokens = [ctx.tokens]
+    for instruction in (
+        "make the circle green",
+        "move the green circle to the top left",
+        "add a blue square",
+    ):
+        edited, ctx = run("BAGELEdit", model=model, instruction=instruction, context=ctx)["result"]
+        assert edited.shape == image.shape
+        tokens.append(ctx.tokens)
+    assert tokens == sorted(tokens) and len(set(tokens)) == 4
+
+
+def test_edit_of_a_given_image_keeps_its_size(model, scene):
+    edited, _ = run("BAGELEdit", model=model, instruction="remove the circle", image=scene[0])["result"]
+    assert edited.shape == scene[0].shape
+
+
+def test_multi_frame_repeats_one_line_and_navigate_makes_one_view_per_action(model, scene):
+    image, ctx = scene
+    frames, _ = run(
+        "BAGELMultiFrame", model=model, prompt="the red circle moves right", frames=3, image=image
+    )["result"]
+    assert frames.shape == (3, *image.shape[1:])
+    views, _ = run("BAGELNavigate", model=model, actions="move left\n\nmove up\n", context=ctx)["result"]
+    assert views.shape == (2, *image.shape[1:])
+
+
+def test_frame_prompts_fill_with_the_last_line():
+    frame_prompts = pack.nodes.sequence.frame_prompts
+    assert frame_prompts("a\nb", 4) == ["a", "b", "b", "b"]
+    assert frame_prompts("only", 2) == ["only", "only"]
+
+
+def test_largest_comfyui_seed_runs(model, scene):
+    frames, _ = run("BAGELMultiFrame", model=model, frames=2, context=scene[1], seed=2**64 - 1)["result"]
+    assert frames.shape[0] == 2
+
+
+# -- the context is shared, never modified --------------------------------------------------------------
+
+
+def test_one_context_feeding_two_edits_gives_what_two_separate_runs_give(model):
+    def base():
+        return run("BAGELTextToImage", model=model, prompt="a yellow triangle at the left")["result"][1]
+
+    shared = base()
+    before = (shared.tokens, shared.summary(), shared.nbytes)
+    green = run("BAGELEdit", model=model, instruction="make the triangle green", context=shared)["result"][0]
+    gone = run("BAGELEdit", model=model, instruction="remove the triangle", context=shared)["result"][0]
+    assert (shared.tokens, shared.summary(), shared.nbytes) == before
+    assert not torch.equal(green, gone)
+
+    assert torch.equal(
+        green,
+        run("BAGELEdit", model=model, instruction="make the triangle green", context=base())["result"][0],
+    )
+    assert torch.equal(
+        gone, run("BAGELEdit", model=model, instruction="remove the triangle", context=base())["result"][0]
+    )
+    fresh = base()
+    for kept, recomputed in zip(shared.cond.segments, fresh.cond.segments, strict=True):
+        assert torch.equal(kept.kv.k, recomputed.kv.k) and torch.equal(kept.kv.v, recomputed.kv.v)
+
+
+def test_same_inputs_same_outputs(model, scene):
+    first = run("BAGELEdit", model=model, instruction="make the circle blue", context=scene[1], seed=7)[
+        "result"
+    ][0]
+    again = run("BAGELEdit", model=model, instruction="make the circle blue", context=scene[1], seed=7)[
+        "result"
+    ][0]
+    other = run("BAGELEdit", model=model, instruction="make the circle blue", context=scene[1], seed=8)[
+        "result"
+    ][0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+# -- errors a user can act on ---------------------------------------------------------------------------
+
+
+def test_size_not_a_multiple_of_16_is_refused(model):
+    with pytest.raises(ValueError, match="width 50 must be a multiple of 16"):
+        run("BAGELTextToImage", model=model, prompt="a red circle", width=50, height=64)
+
+
+def test_empty_prompt_needs_a_context(model):
+    with pytest.raises(ValueError, match="prompt is empty and there is no context"):
+        run("BAGELTextToImage", model=model, prompt="  ")
+
+
+def test_image_batches_are_refused_with_a_way_out(model, scene):
+    batch = scene[0].repeat(2, 1, 1, 1)
+    for node_id, inputs in [
+        ("BAGELEdit", {"instruction": "make it blue"}),
+        ("BAGELUnderstand", {}),
+        ("BAGELNavigate", {}),
+    ]:
+        with pytest.raises(ValueError, match="batch of 2 images.*ImageFromBatch"):
+            run(node_id, model=model, image=batch, **inputs)
+
+
+def test_context_from_another_model_is_refused(model, scene):
+    (other,) = run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME)
+    with pytest.raises(lib.ContextError, match="built by another model"):
+        run("BAGELEdit", model=other, instruction="make it blue", context=scene[1])
+
+
+def test_missing_start_image_is_named(model):
+    with pytest.raises(ValueError, match="edit needs an image"):
+        run("BAGELEdit", model=model, instruction="make it blue")
+    with pytest.raises(ValueError, match="Navigate needs a starting view"):
+        run("BAGELNavigate", model=model)
+
+
+def test_more_prompt_lines_than_frames_is_refused(model, scene):
+    with pytest.raises(ValueError, match="3 lines but frames is 2"):
+        run("BAGELMultiFrame", model=model, prompt="a\nb\nc", frames=2, context=scene[1])
+
+
+def test_sampler_values_the_library_rejects_are_named(model, scene):
+    with pytest.raises(ValueError, match="cfg_interval"):
+        run(
+            "BAGELEdit",
+            model=model,
+            instruction="x",
+            context=scene[1],
+            cfg_interval_start=0.9,
+            cfg_interval_end=0.1,
+        )
+
+
+# -- loader ---------------------------------------------------------------------------------------------
+
+
+def test_loader_lists_bundled_first_then_model_folders(tmp_path, monkeypatch):
+    (tmp_path / "BAGEL-7B-MoT").mkdir()
+    (tmp_path / "BAGEL-7B-MoT" / "ema.safetensors").touch()
+    (tmp_path / "not-a-model").mkdir()
+    monkeypatch.setattr(bridge, "model_roots", lambda: [tmp_path])
+    names = NODES["BAGELLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert names == [lib.bundled.DEFAULT_NAME, "BAGEL-7B-MoT"]
+
+
+def test_loader_loads_a_model_folder_and_never_downloads_one_that_is_there(tmp_path, monkeypatch):
+    lib.tiny.make_tiny(tmp_path / "tiny", seed=1)
+    monkeypatch.setattr(bridge, "model_roots", lambda: [tmp_path])
+    (managed,) = run("BAGELLoader", model_name="tiny", dtype="float32")
+    assert managed.model.source == tmp_path / "tiny" and managed.model.dtype == torch.float32
+    no_hub = types.ModuleType("huggingface_hub")  # any download attempt would fail on this
+    with mock.patch.dict(sys.modules, {"huggingface_hub": no_hub}):
+        (managed,) = run(
+            "BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, download_if_missing=True, repo_id="o/tiny"
+        )
+    assert managed.model.source == tmp_path / "tiny"
+
+
+def test_loader_errors_name_the_fix():
+    with pytest.raises(FileNotFoundError, match="'nope' was not found.*download_if_missing"):
+        run("BAGELLoader", model_name="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="flash-attn"):
+            run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, attention="flash")
+
+
+# -- IMAGE conversion -----------------------------------------------------------------------------------
+
+
+def test_image_round_trip_is_exact_and_other_channel_counts_are_read():
+    pixels = torch.randint(0, 256, (1, 5, 7, 3), dtype=torch.uint8)
+    image = pixels.float() / 255
+    pil = images.to_pil(image)
+    assert pil.size == (7, 5) and torch.equal(images.to_image([pil]), image)
+    assert (
+        images.to_pil(image[..., :1]).mode == "L"
+        and images.to_pil(torch.cat([image, image[..., :1]], -1)).mode == "RGBA"
+    )
+    with pytest.raises(ValueError, match="different sizes"):
+        images.to_image([Image.new("RGB", (4, 4)), Image.new("RGB", (8, 4))])
+
+
+# -- what the nodes hand ComfyUI (faked here; tests/comfyui/ runs the real thing) ---------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def fake_comfy(interrupt_at: int | None = None) -> tuple[dict, list]:
+    """Stand-ins for comfy.utils / comfy.model_management recording progress bars; one can interrupt."""
+    bars: list = []
+    calls = {"n": 0}
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total, self.values = total, []
+            bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.values.append(value)
+
+    def check():
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise Interrupted
+
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    mm = types.ModuleType("comfy.model_management")
+    mm.throw_exception_if_processing_interrupted = check
+    return {"comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm}, bars
+
+
+def test_progress_joins_the_frames_into_one_bar(model, scene):
+    modules, bars = fake_comfy()
+    with mock.patch.dict(sys.modules, modules):
+        run("BAGELMultiFrame", model=model, frames=2, context=scene[1], steps=4)
+    (bar,) = bars
+    assert bar.total == 6 and bar.values == [1, 2, 3, 4, 5, 6]  # 2 frames x 3 evaluated steps
+
+
+def test_interrupt_stops_within_a_step_and_leaves_the_context_usable(model, scene):
+    ctx = scene[1]
+    before = ctx.summary()
+    modules, bars = fake_comfy(interrupt_at=2)
+    with mock.patch.dict(sys.modules, modules), pytest.raises(Interrupted):
+        run("BAGELEdit", model=model, instruction="make it blue", context=ctx, steps=20)
+    assert bars[0].values == [1]
+    assert ctx.summary() == before
+    run("BAGELEdit", model=model, instruction="make it blue", context=ctx)
+
+
+def test_model_is_handed_to_comfyuis_memory_manager(model):
+    loads = []
+    patcher_module = types.ModuleType("comfy.model_patcher")
+    patcher_module.ModelPatcher = lambda module, load_device, offload_device: (
+        module,
+        load_device,
+        offload_device,
+    )
+    mm = types.ModuleType("comfy.model_management")
+    mm.load_models_gpu = lambda models, force_full_load: loads.append((models, force_full_load))
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+    modules = {"comfy": comfy, "comfy.model_patcher": patcher_module, "comfy.model_management": mm}
+    cpu = torch.device("cpu")
+    with mock.patch.dict(sys.modules, modules):
+        managed = bridge.manage(model.model, cpu, cpu)
+        assert managed.ready() is model.model
+    weights, load_device, _ = managed.patcher
+    assert weights.net is model.model.net and weights.vae is model.model.vae and load_device == cpu
+    assert loads == [([managed.patcher], True)]
+
+
+# -- example workflows agree with the nodes -------------------------------------------------------------
+
+
+WORKFLOWS = ROOT / "example_workflows"
+
+
+def widget_names(node_id: str) -> list[str]:
+    """Widget inputs in the order a UI workflow stores them, the seed followed by its control slot."""
+    spec = NODES[node_id].INPUT_TYPES()
+    names = []
+    for name, (kind, options) in {**spec["required"], **spec.get("optional", {})}.items():
+        if isinstance(kind, list) or kind not in SOCKETS:
+            names.append(name)
+            if options.get("control_after_generate"):
+                names.append(None)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
+def test_ui_workflow_matches_its_api_twin_and_has_a_thumbnail(path):
+    ui = json.loads(path.read_text())
+    api = json.loads((WORKFLOWS / "api" / path.name).read_text())
+    assert (WORKFLOWS / f"{path.stem}.jpg").is_file() or (WORKFLOWS / f"{path.stem}.png").is_file()
+    ours = [node for node in ui["nodes"] if node["type"] in NODES]
+    assert ours and {str(n["id"]) for n in ours} <= set(api)
+    for node in ours:
+        names = widget_names(node["type"])
+        assert len(node["widgets_values"]) == len(names), f"{path.name} node {node['id']}"
+        inputs = api[str(node["id"])]["inputs"]
+        for name, value in zip(names, node["widgets_values"], strict=True):
+            if name is None:
+                assert value in ("fixed", "increment", "decrement", "randomize")
+            else:
+                assert inputs[name] == value, f"{path.name} node {node['id']} {name}"
+
+
+@pytest.mark.parametrize("path", sorted((WORKFLOWS / "api").glob("*.json")), ids=lambda p: p.stem)
+def test_api_workflow_gives_every_required_input_of_our_nodes(path):
+    for node_id, node in json.loads(path.read_text()).items():
+        if node["class_type"] in NODES:
+            required = NODES[node["class_type"]].INPUT_TYPES()["required"]
+            missing = set(required) - set(node["inputs"])
+            assert not missing, f"{path.name} node {node_id} lacks {missing}"
