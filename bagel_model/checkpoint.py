@@ -24,6 +24,7 @@ from .config import BagelConfig, ConfigError, InferenceConfig, LLMConfig, VAECon
 from .layers.attention import check_backend
 from .layers.vae import AutoEncoder
 from .model import Bagel, BagelModel
+from .quant import WEIGHT_MODES, use_fp8
 from .tokenizer import BagelTokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
@@ -126,12 +127,20 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def stream_weights(module: nn.Module, path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Check `path` against the meta-built `module`, then fill it tensor by tensor."""
+def stream_weights(
+    module: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, weight_mode: str = "native"
+) -> None:
+    """Check `path` against the meta-built `module`, then fill it tensor by tensor (quantizing on the way
+    in fp8 mode: each weight is converted on the device right after it is read)."""
     check_keys(path, _expected_shapes(module), read_header(path))
+    quantized = use_fp8(module) if weight_mode == "fp8" else set()
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
-            _set_tensor(module, key, f.get_tensor(key).to(device=device, dtype=dtype))
+            tensor = f.get_tensor(key).to(device=device)
+            if key in quantized:
+                module.get_submodule(key.rpartition(".")[0]).store(tensor)
+            else:
+                _set_tensor(module, key, tensor.to(dtype=dtype))
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -145,12 +154,16 @@ def load(
     dtype: torch.dtype | None = None,
     vae_dtype: torch.dtype = torch.float32,
     attention: str = "auto",
+    weights: str = "native",
 ) -> BagelModel:
     """Load an official-layout BAGEL folder. Strict: any missing, extra or mis-shaped tensor is an error.
 
-    `attention` picks the attention backend (`layers.attention.BACKENDS`); an unusable one is refused here,
-    before any weight is read."""
+    `attention` picks the attention backend (`layers.attention.BACKENDS`); `weights` how the decoder's
+    linear weights are stored (`quant.WEIGHT_MODES`: "native" in `dtype`, or "fp8" with compute in
+    `dtype`). Unusable choices are refused here, before any weight is read."""
     check_backend(attention)
+    if weights not in WEIGHT_MODES:
+        raise CheckpointError(f"weight mode {weights!r} is unknown; choose one of {', '.join(WEIGHT_MODES)}")
     folder = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -163,7 +176,7 @@ def load(
         )
     with torch.device("meta"):
         net, vae = Bagel(cfg), AutoEncoder(cfg.vae)
-    stream_weights(net, folder / "ema.safetensors", device, dtype)
+    stream_weights(net, folder / "ema.safetensors", device, dtype, weights)
     stream_weights(vae, folder / "ae.safetensors", device, vae_dtype)
     net.attn_backend = attention
     return BagelModel(net=net.eval(), vae=vae.eval(), tokenizer=tokenizer, config=cfg, source=folder)

@@ -1,0 +1,52 @@
+"""fp8 weight storage: what it saves on the 7B shape, and what it costs on a real forward."""
+
+import numpy as np
+import pytest
+import torch
+
+import bagel_model
+from bagel_model import tasks
+from bagel_model.checkpoint import CheckpointError
+from bagel_model.config import BAGEL_7B_MOT
+from bagel_model.model import Bagel
+from bagel_model.quant import Fp8Linear, use_fp8
+from bagel_model.sampling import FlowSettings
+
+
+def test_fp8_halves_the_7b_decoder():
+    with torch.device("meta"):
+        net = Bagel(BAGEL_7B_MOT)
+    bf16 = sum(t.numel() * 2 for t in [*net.parameters(), *net.buffers()])
+    use_fp8(net)
+    # fp8 weights 1 byte, their per-row scales fp32, everything else bf16
+    sizes = {torch.float8_e4m3fn: 1, torch.float32: 2}
+    scales = sum(m.scale.numel() * 2 for m in net.modules() if isinstance(m, Fp8Linear))
+    fp8 = scales + sum(t.numel() * sizes[t.dtype] for t in [*net.parameters(), *net.buffers()])
+    assert bf16 == 2 * 14_607_260_128
+    assert fp8 < 16.0e9, f"fp8 weights take {fp8 / 1e9:.2f} GB"
+    assert fp8 < 0.55 * bf16
+
+
+def test_fp8_layer_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    layer = Fp8Linear(32, 48, bias=False)
+    layer.store(w)
+    x = torch.randn(5, 32)
+    rel = (layer(x) - x @ w.T).norm() / (x @ w.T).norm()
+    assert 1e-4 < rel < 0.05  # really quantized, and close
+
+
+def test_fp8_model_generates_nearly_the_same_image(tiny_dir, tiny_model):
+    fp8 = bagel_model.load(tiny_dir, weights="fp8")
+    assert isinstance(fp8.net.language_model.model.layers[0].mlp_moe_gen.up_proj, Fp8Linear)
+    settings = FlowSettings(num_steps=4)
+    a, _ = tasks.generate_image(tiny_model, "a red circle at the top", settings=settings, seed=3)
+    b, _ = tasks.generate_image(fp8, "a red circle at the top", settings=settings, seed=3)
+    diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+    assert diff.mean() < 2.0 and diff.max() <= 16
+
+
+def test_unknown_weight_mode(tiny_dir):
+    with pytest.raises(CheckpointError, match="weight mode 'int3' is unknown"):
+        bagel_model.load(tiny_dir, weights="int3")
