@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from . import tasks
 from .checkpoint import load
 from .model import BagelModel
+from .quant import WEIGHT_MODES
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,7 +72,7 @@ def _model(args: argparse.Namespace) -> BagelModel:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    return load(args.model or default_model_dir(), device=device, dtype=dtype)
+    return load(args.model or default_model_dir(), device=device, dtype=dtype, weights=args.weights)
 
 
 def _flow_settings(args: argparse.Namespace, base: FlowSettings) -> FlowSettings:
@@ -236,6 +237,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: bf16 on GPU)"
     )
+    p.add_argument("--weights", default="native", choices=WEIGHT_MODES, help="fp8: decoder weights in float8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -14,6 +14,7 @@ from .. import bagel_model
 from ..bagel_model import bundled
 from ..bagel_model.checkpoint import REQUIRED_FILES, default_dtype
 from ..bagel_model.layers.attention import BACKENDS
+from ..bagel_model.quant import WEIGHT_MODES
 from . import comfy_bridge
 from .sockets import CATEGORY, MODEL, widget
 
@@ -109,12 +110,21 @@ class BAGELLoader:
                     "STRING", "Hugging Face repository to download when download_if_missing is on.",
                     default=OFFICIAL_REPO,
                 ),
+                "weights": widget(
+                    list(WEIGHT_MODES),
+                    "How the decoder's weights are stored. native: in dtype (BAGEL-7B-MoT: 29 GB in bf16). "
+                    "fp8: float8 with per-row scales, computed in dtype (about 16 GB: fits 24 GB cards; "
+                    "images move by about one level).",
+                    default="native",
+                ),
             },
         }  # fmt: skip
 
-    def load(self, model_name, dtype, attention, download_if_missing=False, repo_id=OFFICIAL_REPO):
+    def load(
+        self, model_name, dtype, attention, download_if_missing=False, repo_id=OFFICIAL_REPO, weights="native"
+    ):
         folder = download(repo_id) if download_if_missing else find_model(model_name)
         compute, offload = comfy_bridge.devices()
         dtype = DTYPES[dtype] or default_dtype(compute)
-        model = bagel_model.load(folder, device=offload, dtype=dtype, attention=attention)
+        model = bagel_model.load(folder, device=offload, dtype=dtype, attention=attention, weights=weights)
         return (comfy_bridge.manage(model, compute, offload),)
