@@ -80,7 +80,7 @@ def _one_prefill(model, parts):
         slices.append(slice(start, end))
         start = end
     with torch.no_grad():
-        hidden, kv = model.net(embeds, positions, Routing.from_mask(is_gen), None, False, "sdpa", mask)
+        hidden, kv = model.net(embeds, positions, Routing.from_mask(is_gen), None, False, mask)
     return hidden, kv, slices
 
 
