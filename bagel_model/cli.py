@@ -122,50 +122,45 @@ def _maybe_think(args, model, image=None):
     return tasks.think(model, args.prompt, image=image, settings=settings, seed=args.seed)
 
 
-def cmd_generate(args: argparse.Namespace) -> Output:
-    latents = _read_latents(args.latents)
-    model = _model(args)
-    start = time.perf_counter()
-    thought, ctx = _maybe_think(args, model)
-    image, _ = tasks.generate_image(
-        model,
-        None if ctx else args.prompt,
-        context=ctx,
+def _image_knobs(args: argparse.Namespace, base: FlowSettings) -> dict:
+    """Keyword arguments shared by generate and edit: size, sampler settings, seed, noise, progress."""
+    return dict(
         height=args.height,
         width=args.width,
-        settings=_flow_settings(args, T2I_SETTINGS),
+        settings=_flow_settings(args, base),
         seed=args.seed,
-        latents=latents,
+        latents=_read_latents(args.latents),
         callback=_progress(args),
     )
+
+
+def _image_output(args: argparse.Namespace, image: Image.Image, thought: str | None, start: float) -> Output:
     values = {"image": _save(image, args.out), "seconds": round(time.perf_counter() - start, 3)}
     if thought is not None:
         values["thought"] = thought
     return Output(values)
+
+
+def cmd_generate(args: argparse.Namespace) -> Output:
+    knobs = _image_knobs(args, T2I_SETTINGS)
+    model = _model(args)
+    start = time.perf_counter()
+    thought, ctx = _maybe_think(args, model)
+    image, _ = tasks.generate_image(model, None if ctx else args.prompt, context=ctx, **knobs)
+    return _image_output(args, image, thought, start)
 
 
 def cmd_edit(args: argparse.Namespace) -> Output:
     source = _open_image(args.image)
-    latents = _read_latents(args.latents)
+    knobs = _image_knobs(args, EDIT_SETTINGS)
     model = _model(args)
     start = time.perf_counter()
     thought, ctx = _maybe_think(args, model, image=source)
-    image, _ = tasks.edit_image(
-        model,
-        None if ctx else source,
-        None if ctx else args.prompt,
-        context=ctx,
-        height=args.height,
-        width=args.width,
-        settings=_flow_settings(args, EDIT_SETTINGS),
-        seed=args.seed,
-        latents=latents,
-        callback=_progress(args),
-    )
-    values = {"image": _save(image, args.out), "seconds": round(time.perf_counter() - start, 3)}
-    if thought is not None:
-        values["thought"] = thought
-    return Output(values)
+    if ctx is None:
+        image, _ = tasks.edit_image(model, source, args.prompt, **knobs)
+    else:  # the plan's context already holds the image and the instruction
+        image, _ = tasks.edit_image(model, None, None, context=ctx, **knobs)
+    return _image_output(args, image, thought, start)
 
 
 def contact_sheet(items: list[tuple[str, Image.Image]], cell: int = 160) -> Image.Image:
