@@ -221,7 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> Output:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> Output:
-    from .tiny import PRESETS, make_tiny
+    from .config import PRESETS
+    from .tiny import make_tiny
 
     return Output({"model": str(make_tiny(args.dir, seed=args.seed, cfg=PRESETS[args.preset]))})
 

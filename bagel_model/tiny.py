@@ -14,47 +14,11 @@ import torch
 from torch import nn
 
 from .checkpoint import save
-from .config import BagelConfig, ImageLimits, InferenceConfig, LLMConfig, VAEConfig, ViTConfig
+from .config import TINY_CONFIG, BagelConfig
 from .layers.embeddings import PositionTable, sincos_2d_table
 from .layers.vae import AutoEncoder
 from .model import Bagel
 from .tokenizer import MARKERS
-
-TINY_CONFIG = BagelConfig(
-    llm=LLMConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=4096,
-    ),
-    vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-    vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
-    # Sized for the 64x64 shapes world: images stay small, so contexts stay within the 4096-position window.
-    inference=InferenceConfig(
-        vae_limits=ImageLimits(max_size=256, min_size=64, stride=16),
-        vit_limits=ImageLimits(max_size=224, min_size=56, stride=14),
-        default_height=64,
-        default_width=64,
-    ),
-)
-
-# A mid-size random model for benchmarks: big enough that compute, not Python, dominates a step.
-MID_CONFIG = BagelConfig(
-    llm=LLMConfig(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=512,
-    ),
-    vit=ViTConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
-)
-PRESETS = {"tiny": TINY_CONFIG, "mid": MID_CONFIG}
 
 _CORPUS = """
 a red circle at the top left, a blue square at the center, a green triangle at the bottom right.

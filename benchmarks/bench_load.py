@@ -41,7 +41,8 @@ def write_bf16_checkpoint(preset: str, folder: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from bagel_model.tiny import PRESETS, make_tiny
+    from bagel_model.config import PRESETS
+    from bagel_model.tiny import make_tiny
 
     make_tiny(folder, seed=0, cfg=PRESETS[preset])
     for name in ("ema.safetensors", "ae.safetensors"):
