@@ -84,6 +84,7 @@ def _flow_settings(args: argparse.Namespace, base: FlowSettings) -> FlowSettings
         timestep_shift=args.timestep_shift if args.timestep_shift is not None else base.timestep_shift,
         renorm_type=args.renorm_type or base.renorm_type,
         renorm_min=args.renorm_min if args.renorm_min is not None else base.renorm_min,
+        step_cache=args.step_cache,
     )
 
 
@@ -249,6 +250,7 @@ def _flow_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timestep-shift", type=float)
     p.add_argument("--renorm-type", choices=RENORM_TYPES)
     p.add_argument("--renorm-min", type=float)
+    p.add_argument("--step-cache", type=int, default=1, help="k > 1: run the network every k-th step only")
     p.add_argument(
         "--latents", help="safetensors file with one tensor 'latents' [16, H/8, W/8] (overrides seed)"
     )

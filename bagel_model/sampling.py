@@ -25,6 +25,7 @@ class FlowSettings:
     timestep_shift: float = 3.0
     renorm_type: str = "global"
     renorm_min: float = 0.0
+    step_cache: int = 1  # k > 1: run the network on every k-th step only (see `extrapolate_velocity`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
@@ -43,6 +44,8 @@ class FlowSettings:
             raise ValueError(f"cfg_interval must satisfy 0 <= start <= end <= 1, got [{lo}, {hi}]")
         if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
             raise ValueError("CFG scales must not be negative")
+        if self.step_cache < 1:
+            raise ValueError(f"step_cache must be at least 1 (1 = off), got {self.step_cache}")
 
 
 EDIT_SETTINGS = FlowSettings(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), renorm_type="text_channel")
@@ -95,3 +98,15 @@ def combine_cfg(
         return v_img + img_scale * (u - v_img) if img_scale > 1.0 else u
     w = v_img + img_scale * (u - v_img) if img_scale > 1.0 else u
     return _renorm(v, w, per_token=renorm_type == "channel", minimum=renorm_min)
+
+
+def extrapolate_velocity(
+    t: float, earlier: tuple[float, torch.Tensor], last: tuple[float, torch.Tensor]
+) -> torch.Tensor:
+    """First-order Taylor estimate of the guided velocity at t from the last two network evaluations.
+
+    The velocity of a rectified flow changes slowly along the trajectory, so skipped steps can reuse its
+    trend (the idea of TaylorSeer, applied to the model's output rather than to every layer's features:
+    one tensor of memory per branch-free step instead of caches in every layer)."""
+    (t0, v0), (t1, v1) = earlier, last
+    return v1 + (v1 - v0) * ((t - t1) / (t1 - t0))

@@ -120,6 +120,26 @@ def test_generate_image_passes(tiny_model, count_passes):
     assert len(count_passes) == 1 + (5 + 3) + 2
 
 
+@pytest.mark.parametrize(("k", "evaluated_steps"), [(2, [0, 1, 2, 4]), (3, [0, 1, 3])])
+def test_step_cache_runs_the_network_on_every_kth_step(tiny_model, t2i_ctx, count_passes, k, evaluated_steps):
+    """Steps 0 and 1 seed the extrapolation; afterwards only multiples of k run the network (5 steps)."""
+    settings = six(cfg_text_scale=1.0, step_cache=k)
+    _, passes = tasks.denoise(tiny_model, t2i_ctx, 64, 64, settings, _noise(tiny_model))
+    assert passes == len(count_passes) == len(evaluated_steps)
+
+
+def test_step_cache_stays_close_to_the_full_sampler(tiny_model, edit_ctx):
+    noise = _noise(tiny_model, seed=2)
+    settings = FlowSettings(num_steps=12, cfg_img_scale=2.0)
+    full, full_passes = tasks.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    cached, cached_passes = tasks.denoise(
+        tiny_model, edit_ctx, 64, 64, FlowSettings(**{**vars(settings), "step_cache": 2}), noise
+    )
+    assert cached_passes <= 0.66 * full_passes  # 7 of 11 steps evaluated
+    error = float((cached - full).norm() / full.norm())
+    assert 0 < error < 0.1, error
+
+
 def _plain_denoise(model, ctx, height, width, settings, noise):
     """Every branch at every step, each on its own history, then the official combination."""
     h, w = height // 16, width // 16
