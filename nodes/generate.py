@@ -19,6 +19,7 @@ from .sockets import (
     model_input,
     sampler_inputs,
     seed_input,
+    step_cache_input,
     widget,
     with_ui,
 )
@@ -58,7 +59,7 @@ class BAGELTextToImage:
                 "seed": seed_input(),
                 **sampler_inputs(T2I_SETTINGS),
             },
-            "optional": {"context": context_input()},
+            "optional": {"context": context_input(), "step_cache": step_cache_input()},
         }
 
     def generate(self, model, prompt, width, height, seed, context=None, **sampler):
@@ -103,6 +104,7 @@ class BAGELEdit:
             "optional": {
                 "image": image_input("The image to edit; unconnected: the context's latest image."),
                 "context": context_input(),
+                "step_cache": step_cache_input(),
             },
         }  # fmt: skip
 

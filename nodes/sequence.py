@@ -19,6 +19,7 @@ from .sockets import (
     model_input,
     sampler_inputs,
     seed_input,
+    step_cache_input,
     widget,
     with_ui,
 )
@@ -82,6 +83,7 @@ class BAGELMultiFrame:
             "optional": {
                 "image": image_input("The starting frame; optional with a context that holds an image."),
                 "context": context_input(),
+                "step_cache": step_cache_input(),
             },
         }  # fmt: skip
 
@@ -115,6 +117,7 @@ class BAGELNavigate:
             "optional": {
                 "image": image_input("The starting view; optional with a context that holds an image."),
                 "context": context_input(),
+                "step_cache": step_cache_input(),
             },
         }  # fmt: skip
 

@@ -113,6 +113,7 @@ def flow_settings(
     timestep_shift: float,
     cfg_renorm_type: str,
     cfg_renorm_min: float,
+    step_cache: int = 1,
 ) -> FlowSettings:
     """The sampler widgets as library settings (which check them and name any bad value)."""
     return FlowSettings(
@@ -123,7 +124,17 @@ def flow_settings(
         timestep_shift=timestep_shift,
         renorm_type=cfg_renorm_type,
         renorm_min=cfg_renorm_min,
+        step_cache=step_cache,
     )
+
+
+def step_cache_input() -> tuple:
+    """Optional (the last input, so saved workflows keep their widget order)."""
+    return widget(
+        "INT", "1: the exact official sampler. k > 1: run the model on every k-th step only and extrapolate "
+        "between (about k times fewer passes; an approximation).",
+        default=1, min=1, max=8,
+    )  # fmt: skip
 
 
 # -- decoding widgets ---------------------------------------------------------------------------------

@@ -150,10 +150,11 @@ def test_sampler_defaults_are_the_official_ones():
         ("BAGELMultiFrame", lib.EDIT_SETTINGS),
         ("BAGELNavigate", lib.EDIT_SETTINGS),
     ]:
-        required = NODES[node_id].INPUT_TYPES()["required"]
+        inputs = NODES[node_id].INPUT_TYPES()
+        widgets = {**inputs["required"], **inputs["optional"]}
         flow_settings = pack.nodes.sockets.flow_settings
         knobs = inspect.signature(flow_settings).parameters
-        assert flow_settings(**{k: required[k][1]["default"] for k in knobs}) == official, node_id
+        assert flow_settings(**{k: widgets[k][1]["default"] for k in knobs}) == official, node_id
 
 
 # -- every node, end to end -----------------------------------------------------------------------------
