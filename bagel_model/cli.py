@@ -221,6 +221,31 @@ def cmd_demo(args: argparse.Namespace) -> Output:
     )
 
 
+def cmd_bench_shapes(args: argparse.Namespace) -> Output:
+    """The capability table of a shapes-world model on held-out scenes, printed and written as JSON."""
+    from .training.evaluate import CAPABILITIES, TABLE, evaluate
+
+    model = _model(args)
+    wanted = tuple(c for c in CAPABILITIES if args.think or c != "think")
+    log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    report = evaluate(
+        model, n=args.n, seed=args.eval_seed, capabilities=wanted, log=log, num_steps=args.steps
+    )
+    rows = []
+    for name, score in report.items():
+        label, metric, target = TABLE[name]
+        rows.append({"capability": label, "metric": metric, "score": round(score, 3), "target": target,
+                     "met": None if target is None else score >= target})  # fmt: skip
+    table = {"model": str(model.source), "n": args.n, "steps": args.steps or 50, "rows": rows}
+    Path(args.out).write_text(json.dumps(table, indent=2))
+    if not args.json:
+        print(f"{'capability':<40} {'score':>6} {'target':>7}")
+        for row in rows:
+            target = "report" if row["target"] is None else f">= {row['target']:.2f}"
+            print(f"{row['capability']:<40} {row['score']:>6.3f} {target:>7}")
+    return Output({"table": args.out} if not args.json else table)
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> Output:
     from .config import PRESETS
     from .tiny import make_tiny
@@ -288,6 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, help="denoising steps (default 20)")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("bench-shapes", help="the capability table of a shapes-world model")
+    _common(p)
+    p.add_argument(
+        "--think", action="store_true", help="also the thinking row (indirect prompts with a plan)"
+    )
+    p.add_argument("--n", type=int, default=50, help="held-out cases per capability")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the official 50)")
+    p.add_argument(
+        "--eval-seed", type=int, default=10_000, help="held-out scene seed (never used in training)"
+    )
+    p.add_argument("--out", default="bench_shapes.json", help="where to write the table as JSON")
+    p.set_defaults(run=cmd_bench_shapes)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official layout")
     p.add_argument("dir")
