@@ -1,0 +1,13 @@
+"""Training the bundled tiny BAGEL on the shapes world, with the inference library's own modules.
+
+- `vocab`: the shapes-world BPE tokenizer;
+- `autoencoder`: the tiny FLUX-architecture AE, trained first and then frozen;
+- `data`: sequence plans per task (laid out as `tasks.py` lays out contexts) and packing, with the
+  generalized-causal mask, official RoPE ids and CFG dropout;
+- `losses`: next-token CE and rectified-flow MSE over one packed sequence;
+- `trainer`: AdamW, EMA, clipping, checkpoints in the official layout, resume;
+- `evaluate`: held-out capability accuracy through the real tasks and the shapes scorer;
+- `recipe`: `python -m bagel_model.training.recipe --out DIR` makes the bundled model.
+
+Nothing in `bagel_model` outside this package imports it.
+"""
