@@ -143,7 +143,8 @@ def run(out: Path, recipe: Recipe) -> Path:
     spent = time.monotonic() - start
     resume = latest_checkpoint(out / "checkpoints")
     # The network's budget is what is left of the run; on resume, the trainer's saved clock continues.
-    seconds = recipe.minutes * 60 - recipe.eval_minutes * 60 - (0 if resume else spent)
+    reserved = recipe.eval_minutes * 60 if recipe.eval_n else 0.0
+    seconds = recipe.minutes * 60 - reserved - (0 if resume else spent)
     settings = replace(recipe.train, seconds=max(seconds, 1.0))
     torch.manual_seed(recipe.seed)
     net = Bagel(cfg)
