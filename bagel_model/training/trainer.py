@@ -4,7 +4,7 @@ Official settings where they carry over (BAGEL_REFERENCE §6.1, §6.4): AdamW wi
 weight decay, gradients clipped to norm 1.0, an EMA of every trainable parameter updated after each
 optimizer step, `*_moe_gen` weights initialised as copies of their understanding twins (`copy_init_moe`),
 `llm2vae` zero-initialised. What a from-scratch tiny model needs differently: warmup then cosine decay
-over a *time* budget (the run ends on time, whatever else shares the CPU), and an EMA decay of ~0.998
+over a *time* budget (the run ends on time, whatever else shares the CPU), and an EMA decay of 0.995
 rather than 0.9999, which would average over more steps than the run has.
 
 A checkpoint is a directory `{step:07d}/` that is itself a loadable model folder (the official layout via
@@ -52,7 +52,7 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    ema_decay: float = 0.998
+    ema_decay: float = 0.995
     grad_clip: float = 1.0
     ce_weight: float = 1.0
     mse_weight: float = 1.0
