@@ -18,7 +18,7 @@ import bagel_model
 from bagel_model.config import LLMConfig, ViTConfig
 from bagel_model.layers.vae import AutoEncoder
 from bagel_model.model import Bagel
-from bagel_model.shapes import Obj, Scene, render
+from bagel_model.shapes import Obj, Scene, questions, render
 from bagel_model.tokenizer import BagelTokenizer
 from bagel_model.training.autoencoder import TINY_AE, AESettings, train_autoencoder
 from bagel_model.training.data import (
@@ -32,6 +32,7 @@ from bagel_model.training.data import (
     Vit,
     pack,
     plan_stream,
+    understand_plan,
 )
 from bagel_model.training.losses import objective, sample_timesteps
 from bagel_model.training.recipe import MIX, bundled_config
@@ -180,6 +181,19 @@ def test_ce_labels_are_the_next_tokens_ending_with_im_end(tokenizer, bank):
     assert b.ce_labels.tolist() == seg[1:]
     assert b.ids[b.ce_index].tolist() == seg[:-1]
     assert seg[-1] == tokenizer.markers.eos
+
+
+def test_understanding_plans_ask_distinct_kinds_about_one_image():
+    rng = random.Random(3)
+    for _ in range(20):
+        plan = understand_plan(rng, PlanSettings(questions_per_image=3))
+        vit, *turns = plan.items
+        scene = vit.scene
+        asked = [t.text for t in turns[0::2]]
+        answers = {qa.question: qa.answer for qa in questions(scene)}
+        assert len(set(asked)) == len(asked) >= 2  # every scene offers at least count, shape and describe
+        assert [t.text for t in turns[1::2]] == [answers[q] for q in asked]
+        assert [t.loss for t in turns] == [False, True] * len(asked)
 
 
 def test_timesteps_are_shifted_sigmoid_normals():
