@@ -24,7 +24,7 @@ from bagel_model.checkpoint import LATENT_TABLE, REQUIRED_FILES, VIT_TABLE, read
 from bagel_model.config import BAGEL_7B_MOT
 from bagel_model.layers.embeddings import sincos_2d_table
 from bagel_model.model import Bagel
-from bagel_model.tokenizer import MARKERS, MarkerIds, TokenizerError
+from bagel_model.tokenizer import MARKERS, BagelTokenizer, MarkerIds, TokenizerError
 
 OFFICIAL_7B_TENSORS = 1223
 OFFICIAL_7B_ELEMENTS = 14_607_260_128
@@ -324,3 +324,21 @@ def test_bf16_load_keeps_the_ae_in_fp32_and_leaves_nothing_on_meta(tiny_dir):
 
     half_ae = bagel_model.load(tiny_dir, dtype=torch.bfloat16, vae_dtype=torch.bfloat16).vae
     assert {p.dtype for p in half_ae.parameters()} == {torch.bfloat16}
+
+
+TEXTS = ["describe the image.", "Hello, world! 123 4567", "  two  spaces\tand\nlines", "émoji 🎨 中文", ""]
+
+
+def test_tokenizer_matches_the_official_slow_qwen2_tokenizer(official_tiny, tmp_path):
+    """Our ids come from tokenizer.json through `tokenizers`; the official code uses transformers' slow
+    Qwen2Tokenizer on vocab.json + merges.txt. Both, and our vocab/merges-only fallback, must agree."""
+    transformers = pytest.importorskip("transformers")
+    slow = transformers.AutoTokenizer.from_pretrained(str(official_tiny), use_fast=False)
+    ours = BagelTokenizer(official_tiny)
+    fallback = BagelTokenizer(_mirror(official_tiny, tmp_path / "m", skip=("tokenizer.json",)))
+    for text in TEXTS:
+        ids = slow.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == fallback.encode(text) == ids, text
+        assert ours.decode(ids) == slow.decode(ids)
+    assert ours.markers == fallback.markers
+    assert ours.markers.bos == slow.convert_tokens_to_ids("<|im_start|>")
