@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import BagelConfig
 from .layers.attention import Backend
-from .layers.decoder import KV, KVWorkspace, LanguageModel, Routing
+from .layers.decoder import KV, KVWorkspace, LanguageModel, Routing, Workspaces
 from .layers.embeddings import PositionTable, TimestepEmbedder
 from .layers.vae import AutoEncoder
 from .layers.vit import SiglipVisionModel
@@ -83,10 +83,10 @@ class Bagel(nn.Module):
         embeds: torch.Tensor,  # (n, D)
         positions: torch.Tensor,  # (n,) rope ids
         routing: Routing,
-        past: KV | KVWorkspace | None,
+        past: KV | KVWorkspace | Workspaces | None,
         causal: bool,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KV]:
+    ) -> tuple[torch.Tensor, KV | tuple[KV, ...]]:
         """A decoder pass of a query after the prefix `past`: final hidden states and the query's K/V."""
         return self.language_model.model(embeds, positions, routing, past, causal, self.attn_backend, mask)
 

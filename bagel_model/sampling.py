@@ -26,6 +26,7 @@ class FlowSettings:
     renorm_type: str = "global"
     renorm_min: float = 0.0
     step_cache: int = 1  # k > 1: run the network on every k-th step only (see `extrapolate_velocity`)
+    batch_cfg: bool = True  # a step's CFG branches in one forward (more activation memory, fewer passes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))

@@ -208,13 +208,17 @@ def initial_noise(
 class _Branch:
     """One history the query is run after: its K/V with room for the query, and its next position."""
 
-    kv: KVWorkspace | None
+    kv: KVWorkspace
     rope: int
 
     @staticmethod
-    def of(history: History, n_query: int) -> _Branch:
+    def of(model: BagelModel, history: History, n_query: int) -> _Branch:
         past = history.kv()
-        return _Branch(None if past is None else KVWorkspace.around(past, n_query), history.rope)
+        if past is None:
+            llm = model.config.llm
+            shape = (llm.num_hidden_layers, n_query, llm.num_key_value_heads, llm.head_dim)
+            return _Branch(KVWorkspace.empty(shape, model.dtype, model.device), history.rope)
+        return _Branch(KVWorkspace.around(past, n_query), history.rope)
 
 
 @torch.no_grad()
@@ -246,33 +250,43 @@ def denoise(
     )
     zero_offsets = torch.zeros(h * w + 2, dtype=torch.long, device=device)
     n_query = h * w + 2
-    cond = _Branch.of(context.cond, n_query)
-    text_branch = _Branch.of(context.uncond_text, n_query)
+    cond = _Branch.of(model, context.cond, n_query)
+    text_branch = _Branch.of(model, context.uncond_text, n_query)
     same_img = context.uncond_img.segments == context.cond.segments
-    img_branch = None if same_img else _Branch.of(context.uncond_img, n_query)
+    img_branch = None if same_img else _Branch.of(model, context.uncond_img, n_query)
+    query_is_gen = torch.tensor([False] + [True] * (h * w) + [False], device=device)
+    batch_routing = {1: routing}
 
-    def velocity(branch: _Branch, embeds: torch.Tensor) -> torch.Tensor:
-        hidden, _ = model.net(embeds, zero_offsets + branch.rope, routing, branch.kv, causal=False)
-        return model.net.velocity(hidden[1:-1]).float()
+    def velocities(branches: list[_Branch], embeds: torch.Tensor) -> list[torch.Tensor]:
+        """The velocity after each branch: one forward for all of them when batching, else one each."""
+        if len(branches) > 1 and not settings.batch_cfg:
+            return [v for b in branches for v in velocities([b], embeds)]
+        n = len(branches)
+        if n not in batch_routing:
+            batch_routing[n] = Routing.from_mask(query_is_gen.repeat(n))
+        positions = torch.cat([zero_offsets + b.rope for b in branches])
+        kv = branches[0].kv if n == 1 else tuple(b.kv for b in branches)
+        hidden, _ = model.net(embeds.repeat(n, 1), positions, batch_routing[n], kv, causal=False)
+        return list(model.net.velocity(hidden.view(n, n_query, -1)[:, 1:-1]).float())
 
     def guided_velocity(t: float, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The CFG-combined velocity at time t, and how many decoder passes it took."""
+        """The CFG-combined velocity at time t, and how many branch passes it took."""
         inner = model.net.embed_latents(x, torch.full((), t, device=device), pos_ids)
         embeds = torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])
-        v, passes = velocity(cond, embeds), 1
         guided = cfg_active(t, settings.cfg_interval)
         text_scale = settings.cfg_text_scale if guided else 1.0
         img_scale = settings.cfg_img_scale if guided else 1.0
-        v_text = v_img = None
+        branches = [cond]
         if text_scale > 1.0:
-            v_text, passes = velocity(text_branch, embeds), passes + 1
-            if img_scale > 1.0 and img_branch is None:
-                v_img = v
-            elif img_scale > 1.0:
-                v_img, passes = velocity(img_branch, embeds), passes + 1
+            branches.append(text_branch)
+            if img_scale > 1.0 and img_branch is not None:
+                branches.append(img_branch)
+        v, *rest = velocities(branches, embeds)
+        v_text = rest[0] if rest else None
+        v_img = None if img_scale <= 1.0 or v_text is None else rest[1] if img_branch is not None else v
         return combine_cfg(
             v, v_text, v_img, text_scale, img_scale, settings.renorm_type, settings.renorm_min
-        ), passes
+        ), len(branches)
 
     times, steps = schedule(settings.num_steps, settings.timestep_shift)
     x = noise.to(device=device, dtype=torch.float32)

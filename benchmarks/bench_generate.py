@@ -3,12 +3,14 @@
     python benchmarks/bench_generate.py --model DIR [--size 256] [--steps 20] [--device cuda]
         [--official-python PY --official-dir DIR]     # add the official side-by-side rows
 
-In-process rows give seconds per image and per step, decoder passes and peak memory (device memory on
-CUDA, resident set on CPU) for text-to-image and editing. The side-by-side rows run
-`python -m bagel_model generate` and `benchmarks/official_runner.py infer --task t2i` on the same folder,
-prompt and initial noise (notebook defaults: cfg_text 4, cfg_img 1, interval [0.4, 1], shift 3, global
-renorm) and report each process's wall time, peak RSS and the pixel difference between the two images.
-Timings are measurements, not tests: report ratios from one run, absolute numbers only with the device.
+In-process rows give seconds per image and per step, decoder forwards and peak memory (device memory on
+CUDA, resident set on CPU) for text-to-image and editing, on the plain path (each CFG branch its own
+forward), the fast path (a step's branches batched into one forward) and the fast path with the step
+cache. The side-by-side rows run `python -m bagel_model generate` and `benchmarks/official_runner.py
+infer --task t2i` on the same folder, prompt and initial noise (notebook defaults: cfg_text 4, cfg_img 1,
+interval [0.4, 1], shift 3, global renorm) and report each process's wall time, peak RSS and the pixel
+difference between the two images. Timings are measurements, not tests: report ratios from one run,
+absolute numbers only with the device.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Engine paths compared in-process: the plain one runs each CFG branch as its own forward; the fast one
+# batches a step's branches into one; the step cache (an approximation) also skips steps.
+PATHS = {"plain": {"batch_cfg": False}, "fast": {"batch_cfg": True}, "fast + step cache 2": {"step_cache": 2}}
+
+
 def in_process(model_dir: str, size: int, steps: int, device: str) -> list[dict]:
     model = load(model_dir, device=device)
     dev = model.device
@@ -75,26 +83,33 @@ def in_process(model_dir: str, size: int, steps: int, device: str) -> list[dict]
         "edit": lambda s: tasks.edit_image(model, source, "make the circle green", settings=s, seed=1),
     }
     for name, base in (("t2i", NOTEBOOK_T2I), ("edit", EDIT_SETTINGS)):
-        settings = FlowSettings(**{**vars(base), "num_steps": steps})
-        jobs[name](FlowSettings(**{**vars(base), "num_steps": 2}))  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        counter[0] = 0
-        _sync(dev)
-        start = time.perf_counter()
-        image, _ = jobs[name](settings)
-        _sync(dev)
-        seconds = time.perf_counter() - start
-        rows.append(
-            {
-                "engine": "ours (in-process)",
+        jobs[name](replace(base, num_steps=2))  # warm-up
+        plain = plain_seconds = None
+        for path, options in PATHS.items():
+            settings = replace(base, num_steps=steps, **options)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            counter[0] = 0
+            _sync(dev)
+            start = time.perf_counter()
+            image, _ = jobs[name](settings)
+            _sync(dev)
+            seconds = time.perf_counter() - start
+            pixels = np.asarray(image, dtype=np.int16)
+            if plain is None:
+                plain, plain_seconds = pixels, seconds
+            row = {
+                "engine": f"ours in-process, {path}",
                 "task": f"{name} {image.height}x{image.width}",
                 "seconds": round(seconds, 3),
                 "s/step": round(seconds / (steps - 1), 4),
-                "passes": counter[0],
+                "forwards": counter[0],
                 "peak MiB": round(_peak_memory_mb(dev)),
+                "max |Δ| vs plain": int(np.abs(pixels - plain).max()),
             }
-        )
+            if path != "plain":
+                row["speed-up vs plain"] = round(plain_seconds / seconds, 2)
+            rows.append(row)
     return rows
 
 

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -105,19 +107,24 @@ def six(**kwargs) -> FlowSettings:
         ("edit", FlowSettings(num_steps=10, cfg_img_scale=2.0), 9 + 2 * 8),
     ],
 )
-def test_denoise_pass_count(tiny_model, t2i_ctx, edit_ctx, count_passes, which, settings, expected):
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "one-by-one"])
+def test_denoise_pass_count(tiny_model, t2i_ctx, edit_ctx, count_passes, which, settings, expected, batch):
     ctx = t2i_ctx if which == "t2i" else edit_ctx
+    settings = replace(settings, batch_cfg=batch)
     _, passes = tasks.denoise(tiny_model, ctx, 64, 64, settings, _noise(tiny_model))
-    assert passes == expected
-    assert len(count_passes) == expected
-    assert set(count_passes) == {16 + 2}  # every pass is the image query, nothing else runs
+    assert passes == expected  # branch passes: the work, batched or not
+    assert sum(count_passes) == expected * (16 + 2)  # every pass is the image query, nothing else runs
+    if batch:
+        assert len(count_passes) == settings.num_steps - 1  # one forward per evaluated step
+    else:
+        assert set(count_passes) == {16 + 2}
 
 
 def test_generate_image_passes(tiny_model, count_passes):
     """generate_image: one prefill for the prompt, the sampler's passes, then the image's VAE and ViT."""
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0)
     tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings)
-    assert len(count_passes) == 1 + (5 + 3) + 2
+    assert len(count_passes) == 1 + 5 + 2  # a step's CFG branches run as one forward
 
 
 @pytest.mark.parametrize(("k", "evaluated_steps"), [(2, [0, 1, 2, 4]), (3, [0, 1, 3])])
@@ -173,10 +180,11 @@ def _plain_denoise(model, ctx, height, width, settings, noise):
     return x
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "one-by-one"])
 @pytest.mark.parametrize("renorm", ["global", "text_channel"])
 @torch.no_grad()
-def test_denoise_equals_plain_loop(tiny_model, edit_ctx, renorm):
-    settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0, renorm_type=renorm)
+def test_denoise_equals_plain_loop(tiny_model, edit_ctx, renorm, batch):
+    settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0, renorm_type=renorm, batch_cfg=batch)
     noise = _noise(tiny_model, seed=1)
     fast, _ = tasks.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
     plain = _plain_denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
@@ -478,3 +486,21 @@ def test_callback_exception_stops_decoding(tiny_model, count_passes):
         tasks.understand(tiny_model, Q, settings=TextSettings(max_new_tokens=50), callback=callback)
     assert seen == [1]
     assert len(count_passes) == 1 + 1  # the question's prefill and one decoding step
+
+
+def test_batched_cfg_branches_give_the_same_images(tiny_model):
+    """One forward for a step's CFG branches changes only matmul shapes: float rounding, never a pixel
+    beyond 1/255 (on this model: none at all)."""
+    source = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(source).ellipse((4, 4, 28, 28), fill="red")
+    for batch in (True, False):
+        t2i = FlowSettings(num_steps=8, cfg_img_scale=2.0, batch_cfg=batch)
+        edit = FlowSettings(num_steps=8, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), batch_cfg=batch)
+        images = (
+            tasks.generate_image(tiny_model, P, settings=t2i, seed=5)[0],
+            tasks.edit_image(tiny_model, source, "make the circle green", settings=edit, seed=5)[0],
+        )
+        if batch:
+            batched = images
+    for a, b in zip(batched, images, strict=True):
+        assert np.abs(_pixels(a) - _pixels(b)).max() <= 1

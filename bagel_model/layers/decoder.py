@@ -81,6 +81,22 @@ class KVWorkspace:
         k[:, :n_past], v[:, :n_past] = past.k, past.v
         return KVWorkspace(k, v, n_past)
 
+    @staticmethod
+    def empty(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> KVWorkspace:
+        """A buffer (layers, n_query, h_kv, d) for a query with no prefix (an empty CFG history)."""
+        return KVWorkspace(
+            torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device), 0
+        )
+
+    def tail(self) -> KV:
+        """The query's K/V, as written by the last forward (views, not copies)."""
+        return KV(self.k[:, self.n_past :], self.v[:, self.n_past :])
+
+
+Workspaces = tuple[KVWorkspace, ...]
+"""Equal-length queries side by side, each after its own prefix: the CFG branches of one denoising step
+run as one forward (one pass over the weights, larger matmuls); only attention is done per branch."""
+
 
 class RMSNorm(nn.Module):
     """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
@@ -148,22 +164,29 @@ class MoTAttention(nn.Module):
         causal: bool,
         backend: Backend,
         mask: torch.Tensor | None = None,
-        in_place: bool = False,  # past holds n more rows at its tail for this query's K/V
+        tails: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (output (n, hidden), k (n, h_kv, d), v (n, h_kv, d)) for the new tokens."""
+        """Returns (output (n, hidden), k (n, h_kv, d), v (n, h_kv, d)) for the new tokens.
+
+        With `tails` (one K/V buffer per equal part of the query, each with room for its part at the end)
+        the parts' K/V are written there in place and each part attends over its own buffer; `past` is
+        then unused."""
         qkv = routing.apply(self._qkv(""), self._qkv("_moe_gen"), x)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past is None:
-            keys, values = k, v
-        elif in_place:
-            keys, values = past
-            keys[-k.shape[0] :], values[-k.shape[0] :] = k, v
+        if tails is not None:
+            n = x.shape[0] // len(tails)
+            outs = []
+            for j, (keys, values) in enumerate(tails):
+                part = slice(j * n, (j + 1) * n)
+                keys[-n:], values[-n:] = k[part], v[part]
+                outs.append(attention(q[part], keys, values, causal=causal, backend=backend, mask=mask))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
         else:
-            keys, values = torch.cat([past[0], k]), torch.cat([past[1], v])
-        out = attention(q, keys, values, causal=causal, backend=backend, mask=mask).reshape(x.shape[0], -1)
-        return routing.apply(self.o_proj, self.o_proj_moe_gen, out), k, v
+            keys, values = (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
+            out = attention(q, keys, values, causal=causal, backend=backend, mask=mask)
+        return routing.apply(self.o_proj, self.o_proj_moe_gen, out.reshape(x.shape[0], -1)), k, v
 
 
 class MoTDecoderLayer(nn.Module):
@@ -178,10 +201,10 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x, positions, routing: Routing, past, causal: bool, backend: Backend, mask=None, in_place=False
+        self, x, positions, routing: Routing, past, causal: bool, backend: Backend, mask=None, tails=None
     ):
         h = routing.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
-        attn, k, v = self.self_attn(h, positions, routing, past, causal, backend, mask, in_place)
+        attn, k, v = self.self_attn(h, positions, routing, past, causal, backend, mask, tails)
         x = x + attn
         h = routing.apply(
             lambda t: self.mlp(self.post_attention_layernorm(t)),
@@ -206,26 +229,32 @@ class MoTDecoder(nn.Module):
         x: torch.Tensor,  # (n, hidden) input embeddings
         positions: torch.Tensor,
         routing: Routing,
-        past: KV | KVWorkspace | None,
+        past: KV | KVWorkspace | Workspaces | None,
         causal: bool,
         backend: Backend = "auto",
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KV]:
-        """Run all layers; returns the final-norm hidden states and the new tokens' K/V.
+    ) -> tuple[torch.Tensor, KV | tuple[KV, ...]]:
+        """Run all layers; returns the final-norm hidden states and the new tokens' K/V (per part, for
+        `Workspaces`: x then holds the parts one after another, each as long as its workspace's query).
 
         `mask` (n, n_past + n) bool overrides `causal` (see `attention`)."""
-        in_place = isinstance(past, KVWorkspace)
+        parts = (past,) if isinstance(past, KVWorkspace) else past if isinstance(past, tuple) else None
+        if parts is not None and mask is not None and len(parts) > 1:
+            raise ValueError("a mask applies to one query; run masked queries one at a time")
         if isinstance(past, KV) and past.length == 0:
             past = None
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            layer_past = None if past is None else (past.k[i], past.v[i])
-            x, k, v = layer(x, positions, routing, layer_past, causal, backend, mask, in_place)
+            tails = None if parts is None else [(w.k[i], w.v[i]) for w in parts]
+            layer_past = None if past is None or parts is not None else (past.k[i], past.v[i])
+            x, k, v = layer(x, positions, routing, layer_past, causal, backend, mask, tails)
             ks.append(k)
             vs.append(v)
         x = routing.apply(self.norm, self.norm_moe_gen, x)
-        if in_place:
-            return x, KV(past.k[:, past.n_past :], past.v[:, past.n_past :])
+        if isinstance(past, KVWorkspace):
+            return x, past.tail()
+        if parts is not None:
+            return x, tuple(w.tail() for w in parts)
         return x, KV(torch.stack(ks), torch.stack(vs))
 
 
