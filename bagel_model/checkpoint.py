@@ -24,7 +24,7 @@ from .config import BagelConfig, ConfigError, InferenceConfig, LLMConfig, VAECon
 from .layers.attention import check_backend
 from .layers.vae import AutoEncoder
 from .model import Bagel, BagelModel
-from .quant import WEIGHT_MODES, use_fp8
+from .quant import BNB_MODES, WEIGHT_MODES, bitsandbytes, quantize_linears
 from .tokenizer import BagelTokenizer
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
@@ -131,9 +131,9 @@ def stream_weights(
     module: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, weight_mode: str = "native"
 ) -> None:
     """Check `path` against the meta-built `module`, then fill it tensor by tensor (quantizing on the way
-    in fp8 mode: each weight is converted on the device right after it is read)."""
+    in a quantized mode: each weight is converted on the device right after it is read)."""
     check_keys(path, _expected_shapes(module), read_header(path))
-    quantized = use_fp8(module) if weight_mode == "fp8" else set()
+    quantized = set() if weight_mode == "native" else quantize_linears(module, weight_mode, dtype)
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             tensor = f.get_tensor(key).to(device=device)
@@ -159,11 +159,13 @@ def load(
     """Load an official-layout BAGEL folder. Strict: any missing, extra or mis-shaped tensor is an error.
 
     `attention` picks the attention backend (`layers.attention.BACKENDS`); `weights` how the decoder's
-    linear weights are stored (`quant.WEIGHT_MODES`: "native" in `dtype`, or "fp8" with compute in
-    `dtype`). Unusable choices are refused here, before any weight is read."""
+    linear weights are stored (`quant.WEIGHT_MODES`: "native" in `dtype`, or "fp8" / "nf4" / "int8" with
+    compute in `dtype`). Unusable choices are refused here, before any weight is read."""
     check_backend(attention)
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weight mode {weights!r} is unknown; choose one of {', '.join(WEIGHT_MODES)}")
+    if weights in BNB_MODES:
+        bitsandbytes()  # a missing package is reported before any weight is read
     folder = Path(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)

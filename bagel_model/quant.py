@@ -1,12 +1,16 @@
-"""Weight storage modes: keep the decoder's linear weights in float8 and compute in the activation dtype.
+"""Weight storage modes for the decoder's linear layers (both experts and the LM head).
 
 BAGEL-7B-MoT's 29 GB of bf16 weights do not fit a 24 GB card; both experts are touched at every
-denoising step, so offloading one of them costs a PCIe transfer per step. Storing the decoder's linear
-weights as float8 (e4m3, one scale per output row) halves them to about 15 GB, and each layer dequantizes
-its own weight just before its matmul, so no more than one layer's bf16 weight exists at a time.
+denoising step, so offloading one of them costs a PCIe transfer per step. Quantized storage keeps all of
+them on the card instead:
 
-What this does not do: quantize activations or use fp8 matmul kernels (the result is a bf16 matmul on
-dequantized weights, so any GPU and the CPU can run it), or touch embeddings, norms, the ViT or the AE.
+- "fp8": float8 e4m3 with one scale per output row (about 15 GB). Each layer dequantizes its own weight
+  just before a matmul in the activation dtype, so any GPU and the CPU run it and no more than one layer's
+  bf16 weight exists at a time. Written here: it is a dozen lines and needs no package.
+- "nf4" (4-bit NormalFloat, blocks of 64) and "int8" (LLM.int8 with outlier columns): bitsandbytes' own
+  layers and kernels, where that package is installed; nothing of theirs is re-implemented here.
+
+What this does not do: quantize activations, or touch embeddings, norms, the ViT or the AE.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_MODES = ("native", "fp8")
+WEIGHT_MODES = ("native", "fp8", "nf4", "int8")
+BNB_MODES = ("nf4", "int8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -43,22 +48,71 @@ class Fp8Linear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def fp8_targets(net: nn.Module) -> list[str]:
-    """Names of the linear layers stored in fp8: every decoder linear (both experts) and the LM head."""
+class BnbLinear(nn.Module):
+    """A bitsandbytes nf4 or int8 linear layer, plus the `store` the loader fills quantized layers with.
+
+    The bias stays outside, in the activation dtype: the checkpoint's bias keys load as they are."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, dtype: torch.dtype):
+        super().__init__()
+        bnb = bitsandbytes()
+        self.mode = mode
+        if mode == "nf4":
+            self.inner = bnb.nn.Linear4bit(
+                in_features, out_features, bias=False, compute_dtype=dtype, quant_type="nf4"
+            )
+        else:
+            self.inner = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @torch.no_grad()
+    def store(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision (out, in) weight on its device (bitsandbytes quantizes on `.to`)."""
+        bnb = bitsandbytes()
+        if self.mode == "nf4":
+            param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64)
+        else:
+            param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        self.inner.weight = param.to(weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def bitsandbytes():
+    """The bitsandbytes module, or an error saying how to get it (it is optional, never a requirement)."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(
+            "weights 'nf4' and 'int8' need the bitsandbytes package: pip install bitsandbytes "
+            "(or use weights 'fp8', which needs nothing)"
+        ) from e
+    return bitsandbytes
+
+
+def quantized_targets(net: nn.Module) -> list[str]:
+    """Names of the linear layers stored quantized: every decoder linear (both experts) and the LM head."""
     lm = net.language_model
     names = [f"language_model.model.{n}" for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)]
     return [*names, "language_model.lm_head"]
 
 
-def use_fp8(net: nn.Module) -> set[str]:
-    """Swap the target linears of a (meta-built) network for `Fp8Linear`s; returns their weight keys,
-    which the loader then routes through `Fp8Linear.store`."""
+def quantize_linears(net: nn.Module, mode: str, dtype: torch.dtype) -> set[str]:
+    """Swap the target linears of a (meta-built) network for quantized ones of `mode` computing in
+    `dtype`; returns their weight keys, which the loader then routes through the layers' `store`."""
     keys = set()
-    for name in fp8_targets(net):
+    for name in quantized_targets(net):
         parent_name, _, leaf = name.rpartition(".")
         parent = net.get_submodule(parent_name)
         old = getattr(parent, leaf)
+        bias = old.bias is not None
         with torch.device("meta"):
-            setattr(parent, leaf, Fp8Linear(old.in_features, old.out_features, old.bias is not None))
+            if mode == "fp8":
+                new = Fp8Linear(old.in_features, old.out_features, bias)
+            else:
+                new = BnbLinear(old.in_features, old.out_features, bias, mode, dtype)
+        setattr(parent, leaf, new)
         keys.add(f"{name}.weight")
     return keys

@@ -114,7 +114,8 @@ class BAGELLoader:
                     list(WEIGHT_MODES),
                     "How the decoder's weights are stored. native: in dtype (BAGEL-7B-MoT: 29 GB in bf16). "
                     "fp8: float8 with per-row scales, computed in dtype (about 16 GB: fits 24 GB cards; "
-                    "images move by about one level).",
+                    "images move by about one level). nf4 / int8: bitsandbytes 4-bit / 8-bit layers (about "
+                    "10 / 16 GB; needs pip install bitsandbytes).",
                     default="native",
                 ),
             },

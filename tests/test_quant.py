@@ -1,4 +1,6 @@
-"""fp8 weight storage: what it saves on the 7B shape, and what it costs on a real forward."""
+"""Quantized weight storage: what fp8 saves on the 7B shape, and what each mode costs on a real forward."""
+
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from bagel_model import tasks
 from bagel_model.checkpoint import CheckpointError
 from bagel_model.config import BAGEL_7B_MOT
 from bagel_model.model import Bagel
-from bagel_model.quant import Fp8Linear, use_fp8
+from bagel_model.quant import BnbLinear, Fp8Linear, quantize_linears
 from bagel_model.sampling import FlowSettings
 
 
@@ -17,7 +19,7 @@ def test_fp8_halves_the_7b_decoder():
     with torch.device("meta"):
         net = Bagel(BAGEL_7B_MOT)
     bf16 = sum(t.numel() * 2 for t in [*net.parameters(), *net.buffers()])
-    use_fp8(net)
+    quantize_linears(net, "fp8", torch.bfloat16)
     # fp8 weights 1 byte, their per-row scales fp32, everything else bf16
     sizes = {torch.float8_e4m3fn: 1, torch.float32: 2}
     scales = sum(m.scale.numel() * 2 for m in net.modules() if isinstance(m, Fp8Linear))
@@ -50,3 +52,28 @@ def test_fp8_model_generates_nearly_the_same_image(tiny_dir, tiny_model):
 def test_unknown_weight_mode(tiny_dir):
     with pytest.raises(CheckpointError, match="weight mode 'int3' is unknown"):
         bagel_model.load(tiny_dir, weights="int3")
+
+
+def _image_delta(a, b) -> np.ndarray:
+    return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+
+
+@pytest.mark.parametrize(("mode", "max_mean"), [("int8", 2.0), ("nf4", 12.0)])
+def test_bitsandbytes_modes_store_less_and_draw_nearly_the_same(tiny_dir, tiny_model, mode, max_mean):
+    pytest.importorskip("bitsandbytes")
+    model = bagel_model.load(tiny_dir, weights=mode)
+    layer = model.net.language_model.model.layers[0].mlp_moe_gen.up_proj
+    assert isinstance(layer, BnbLinear)
+    native = tiny_model.net.language_model.model.layers[0].mlp_moe_gen.up_proj.weight
+    stored = layer.inner.weight
+    assert stored.numel() * stored.element_size() <= native.numel() * {"nf4": 0.5, "int8": 1}[mode]
+    settings = FlowSettings(num_steps=4)
+    a, _ = tasks.generate_image(tiny_model, "a red circle at the top", settings=settings, seed=3)
+    b, _ = tasks.generate_image(model, "a red circle at the top", settings=settings, seed=3)
+    assert 0 < _image_delta(a, b).mean() < max_mean  # really quantized, and close
+
+
+def test_bitsandbytes_modes_say_how_to_get_the_package(tiny_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails as if not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        bagel_model.load(tiny_dir, weights="nf4")
