@@ -259,7 +259,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: bf16 on GPU)"
     )
-    p.add_argument("--weights", default="native", choices=WEIGHT_MODES, help="fp8: decoder weights in float8")
+    p.add_argument(
+        "--weights",
+        default="native",
+        choices=WEIGHT_MODES,
+        help="decoder weight storage: fp8 (float8), nf4 / int8 (bitsandbytes, when installed)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
