@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import BagelConfig, ConfigError, InferenceConfig, LLMConfig, VAEConfig, ViTConfig
 from .layers.attention import check_backend
@@ -143,6 +144,26 @@ def stream_weights(
                 _set_tensor(module, key, tensor.to(dtype=dtype))
 
 
+class _NoInitOnMeta(TorchFunctionMode):
+    """While building on meta, weight initializers do nothing: the weights are read next. Run on meta
+    they are pointless, and torch routes them through `torch._refs`, whose first use imports
+    `torch._dynamo` and sympy: 1.5-2 s of every load, more than reading a small checkpoint."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _INITIALIZERS:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes it as a keyword
+            if getattr(target, "is_meta", False):
+                return target
+        return func(*args, **kwargs)
+
+
+_INITIALIZERS = frozenset(
+    {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+     "xavier_normal_", "zero_", "zeros_", "ones_", "fill_", "constant_"}
+)  # fmt: skip
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs (the released weights' dtype), fp32 on CPU (where bf16 matmuls are slow or missing)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -176,7 +197,7 @@ def load(
             f"{folder}: the tokenizer has {len(tokenizer)} tokens but the embedding only "
             f"{cfg.llm.vocab_size} rows; the tokenizer files belong to another model"
         )
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInitOnMeta():
         net, vae = Bagel(cfg), AutoEncoder(cfg.vae)
     stream_weights(net, folder / "ema.safetensors", device, dtype, weights)
     stream_weights(vae, folder / "ae.safetensors", device, vae_dtype)

@@ -147,7 +147,8 @@ def cmd_generate(args: argparse.Namespace) -> Output:
     model = _model(args)
     start = time.perf_counter()
     thought, ctx = _maybe_think(args, model)
-    image, _ = tasks.generate_image(model, None if ctx else args.prompt, context=ctx, **knobs)
+    prompt = None if ctx else args.prompt
+    image, _ = tasks.generate_image(model, prompt, context=ctx, append_result=False, **knobs)
     return _image_output(args, image, thought, start)
 
 
@@ -158,9 +159,9 @@ def cmd_edit(args: argparse.Namespace) -> Output:
     start = time.perf_counter()
     thought, ctx = _maybe_think(args, model, image=source)
     if ctx is None:
-        image, _ = tasks.edit_image(model, source, args.prompt, **knobs)
+        image, _ = tasks.edit_image(model, source, args.prompt, append_result=False, **knobs)
     else:  # the plan's context already holds the image and the instruction
-        image, _ = tasks.edit_image(model, None, None, context=ctx, **knobs)
+        image, _ = tasks.edit_image(model, None, None, context=ctx, append_result=False, **knobs)
     return _image_output(args, image, thought, start)
 
 

@@ -325,14 +325,17 @@ def _render(
     seed: int | None,
     latents: torch.Tensor | None,
     callback: StepCallback | None,
+    append_result: bool,
 ) -> tuple[Image.Image, Context]:
-    """Generate at the end of `ctx`, then append the image (clean, VAE + ViT) so the next step sees it."""
+    """Generate at the end of `ctx`, then append the image (clean, VAE + ViT) so the next step sees it;
+    with `append_result=False` return `ctx` as it was (one-shot use: encoding the result costs a VAE
+    encode, a ViT pass and a prefill that nothing would read)."""
     check_size(model, height, width)
     ctx.check_fits(1)
     noise = initial_noise(model, height, width, seed, latents)
     tokens, _ = denoise(model, ctx, height, width, settings, noise, callback)
     image = decode_latent(model, tokens, height, width)
-    return image, ctx.append_image(image)
+    return image, ctx.append_image(image) if append_result else ctx
 
 
 def generate_image(
@@ -345,9 +348,11 @@ def generate_image(
     seed: int | None = 0,
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    append_result: bool = True,
 ) -> tuple[Image.Image, Context]:
     """Text-to-image. `prompt` may be None to generate from a context that already holds the request
-    (after `think`, say). Size defaults to the model's default output size."""
+    (after `think`, say). Size defaults to the model's default output size. The returned context holds
+    the image, unless `append_result` is False (then it ends with the prompt)."""
     ctx = _start(model, context)
     if prompt is not None and prompt.strip():
         ctx = ctx.append_text(prompt)
@@ -355,7 +360,7 @@ def generate_image(
         raise ValueError("the prompt is empty and there is no context to generate from")
     height = model.config.inference.default_height if height is None else height
     width = model.config.inference.default_width if width is None else width
-    return _render(model, ctx, height, width, settings, seed, latents, callback)
+    return _render(model, ctx, height, width, settings, seed, latents, callback, append_result)
 
 
 def edit_image(
@@ -369,10 +374,11 @@ def edit_image(
     height: int | None = None,
     width: int | None = None,
     callback: StepCallback | None = None,
+    append_result: bool = True,
 ) -> tuple[Image.Image, Context]:
     """Edit `image` (appended VAE + ViT) by `instruction`. With `image=None`, edit the latest image of the
     context (a multi-turn edit chain: earlier turns are not re-encoded). The output size defaults to the
-    input's size after the official resize."""
+    input's size after the official resize. `append_result` as in `generate_image`."""
     ctx = _start(model, context)
     if image is not None:
         ctx = ctx.append_image(image)
@@ -384,7 +390,7 @@ def edit_image(
         raise ValueError("the edit instruction is empty")
     h, w = ctx.image_size
     height, width = (h if height is None else height), (w if width is None else width)
-    return _render(model, ctx, height, width, settings, seed, latents, callback)
+    return _render(model, ctx, height, width, settings, seed, latents, callback, append_result)
 
 
 def generate_sequence(
@@ -413,6 +419,7 @@ def generate_sequence(
         _check_prompt(prompt)
         ctx = ctx.append_text(prompt)
         h, w = (height, width) if height and width else ctx.image_size
-        frame, ctx = _render(model, ctx, h, w, settings, None if seed is None else seed + k, None, callback)
+        frame_seed = None if seed is None else seed + k
+        frame, ctx = _render(model, ctx, h, w, settings, frame_seed, None, callback, append_result=True)
         frames.append(frame)
     return frames, ctx

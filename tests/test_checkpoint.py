@@ -12,6 +12,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -342,3 +344,15 @@ def test_tokenizer_matches_the_official_slow_qwen2_tokenizer(official_tiny, tmp_
         assert ours.decode(ids) == slow.decode(ids)
     assert ours.markers == fallback.markers
     assert ours.markers.bos == slow.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_loading_skips_initializers_and_never_imports_dynamo(tiny_dir):
+    """Initializers on meta tensors go through torch._refs, which imports torch._dynamo and sympy: ~2 s
+    of every load. The loader builds with them switched off (in a fresh process: tests import dynamo)."""
+    code = (
+        "import sys, bagel_model\n"
+        f"bagel_model.load({str(tiny_dir)!r})\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr

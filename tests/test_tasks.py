@@ -504,3 +504,13 @@ def test_batched_cfg_branches_give_the_same_images(tiny_model):
             batched = images
     for a, b in zip(batched, images, strict=True):
         assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+
+
+def test_append_result_false_returns_the_context_the_image_came_from(tiny_model, count_passes):
+    settings = six(cfg_text_scale=1.0)
+    kept, ctx = tasks.generate_image(tiny_model, P, settings=settings, seed=1)
+    count_passes.clear()
+    image, same = tasks.generate_image(tiny_model, P, settings=settings, seed=1, append_result=False)
+    assert np.array_equal(_pixels(image), _pixels(kept))
+    assert _kinds(same.cond) == ["text"] and _kinds(ctx.cond) == ["text", "vae", "vit"]
+    assert len(count_passes) == 1 + 5  # the prompt and the steps; no encoding of the result
