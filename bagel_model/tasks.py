@@ -26,6 +26,7 @@ from .sampling import (
     EDIT_SETTINGS,
     T2I_SETTINGS,
     FlowSettings,
+    batch_cfg,
     cfg_active,
     combine_cfg,
     extrapolate_velocity,
@@ -256,10 +257,11 @@ def denoise(
     img_branch = None if same_img else _Branch.of(model, context.uncond_img, n_query)
     query_is_gen = torch.tensor([False] + [True] * (h * w) + [False], device=device)
     batch_routing = {1: routing}
+    batched = batch_cfg(settings, device, h * w)
 
     def velocities(branches: list[_Branch], embeds: torch.Tensor) -> list[torch.Tensor]:
         """The velocity after each branch: one forward for all of them when batching, else one each."""
-        if len(branches) > 1 and not settings.batch_cfg:
+        if len(branches) > 1 and not batched:
             return [v for b in branches for v in velocities([b], embeds)]
         n = len(branches)
         if n not in batch_routing:

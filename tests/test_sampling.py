@@ -14,6 +14,7 @@ from bagel_model.sampling import (
     EDIT_SETTINGS,
     T2I_SETTINGS,
     FlowSettings,
+    batch_cfg,
     cfg_active,
     combine_cfg,
     schedule,
@@ -189,3 +190,11 @@ def test_settings_validation(kwargs, message):
 
 def test_settings_edge_values_accepted():
     FlowSettings(num_steps=2, cfg_interval=(0.0, 0.0), cfg_text_scale=0.0, timestep_shift=math.pi)
+
+
+def test_cfg_batching_by_default_on_cuda_and_for_small_cpu_images():
+    auto, off = FlowSettings(), FlowSettings(batch_cfg=False)
+    assert batch_cfg(auto, torch.device("cuda"), 4096)
+    assert batch_cfg(auto, torch.device("cpu"), 16)
+    assert not batch_cfg(auto, torch.device("cpu"), 256)
+    assert not batch_cfg(off, torch.device("cuda"), 16)
