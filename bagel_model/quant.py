@@ -76,7 +76,8 @@ class BnbLinear(nn.Module):
         self.inner.weight = param.to(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
+        # bitsandbytes' int8 kernels want rows: a single token's (D,) hidden state is given as (1, D)
+        out = self.inner(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 

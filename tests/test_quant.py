@@ -71,6 +71,8 @@ def test_bitsandbytes_modes_store_less_and_draw_nearly_the_same(tiny_dir, tiny_m
     a, _ = tasks.generate_image(tiny_model, "a red circle at the top", settings=settings, seed=3)
     b, _ = tasks.generate_image(model, "a red circle at the top", settings=settings, seed=3)
     assert 0 < _image_delta(a, b).mean() < max_mean  # really quantized, and close
+    answer, _ = tasks.understand(model, "what is in the image?", image=a)  # one-token rows through the head
+    assert isinstance(answer, str)
 
 
 def test_bitsandbytes_modes_say_how_to_get_the_package(tiny_dir, monkeypatch):
