@@ -15,6 +15,8 @@ What this does not do: quantize activations, or touch embeddings, norms, the ViT
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +65,9 @@ class BnbLinear(nn.Module):
             )
         else:
             self.inner = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+            # It logs a warning on every matmul whose input is not fp16 (it casts bf16/fp32 inputs, as
+            # intended here): thousands of lines per image in ComfyUI's console.
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     @torch.no_grad()
