@@ -1,32 +1,22 @@
-"""Where the default model lives.
+"""Where the default model lives: `bagel_model/bundled/`, a tiny BAGEL trained on the shapes world.
 
-Until a trained model ships inside the package (`bagel_model/bundled/`), the default is the tiny random
-checkpoint of `tiny.py`, written once to a cache folder: every workflow and command runs with no download.
+It ships inside the package (16 MB, official folder layout, model card in its README.md) so that every
+workflow and command runs on any CPU with no download, and its outputs can be graded by the shapes scorer.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
-
-from .tiny import TINY_CONFIG, make_tiny
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_NAME = "bagel-tiny (bundled)"
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("BAGEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bagel_model")
-    return Path(root)
-
-
 def default_model_dir() -> Path:
-    """The bundled model's folder, or a tiny random one written on first use."""
-    if (BUNDLED_DIR / "ema.safetensors").is_file():
-        return BUNDLED_DIR
-    version = hashlib.sha1(repr(TINY_CONFIG).encode()).hexdigest()[:8]  # a config change writes a new folder
-    folder = cache_dir() / f"tiny-random-{version}"
-    if not (folder / "ema.safetensors").is_file():
-        make_tiny(folder, seed=0)
-    return folder
+    """The bundled model's folder; an incomplete install is reported, not silently replaced."""
+    if not (BUNDLED_DIR / "ema.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the bundled model is missing from {BUNDLED_DIR} (ema.safetensors not found): reinstall the "
+            "extension, or pass a model folder explicitly"
+        )
+    return BUNDLED_DIR

@@ -8,7 +8,6 @@ real entry point runs as a subprocess for `make-tiny` and for one error.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from bagel_model import cli, tasks
 from bagel_model.sampling import EDIT_SETTINGS, FlowSettings
+from bagel_model.shapes import parse_description, read_scene, scene_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 P = "a red circle at the top left, a blue square at the center"
@@ -55,12 +55,10 @@ def picture_file(tmp_path_factory) -> Path:
     return path
 
 
-def _subprocess(tmp_path, *argv) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BAGEL_CACHE_DIR": str(tmp_path / "cache")}
+def _subprocess(*argv) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "bagel_model", *map(str, argv)],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -71,7 +69,7 @@ def _subprocess(tmp_path, *argv) -> subprocess.CompletedProcess:
 
 
 def test_make_tiny(tmp_path, tiny_dir):
-    proc = _subprocess(tmp_path, "make-tiny", tmp_path / "m", "--json")
+    proc = _subprocess("make-tiny", tmp_path / "m", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"model": str(tmp_path / "m")}
     for name in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors", "tokenizer.json"):
@@ -165,12 +163,9 @@ def test_edit(capsys, tmp_path, tiny_dir, tiny_model, picture_file):
     assert np.array_equal(_pixels(path), _pixels(expected))
 
 
-def test_demo_with_the_default_model(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("BAGEL_CACHE_DIR", str(tmp_path / "cache"))
+def test_demo_runs_every_task_on_the_bundled_model(capsys, tmp_path):
     out_dir = tmp_path / "demo"
-    out = _json(capsys, "demo", "--out", out_dir, "--steps", 2)
-    # the default model is a tiny random one written into the cache folder on first use
-    assert any((d / "ema.safetensors").is_file() for d in (tmp_path / "cache").iterdir())
+    out = _json(capsys, "demo", "--out", out_dir)
     names = ["t2i", "think_t2i", "edit", "frame_1", "frame_2"]
     assert sorted(Path(p).name for p in out["images"].values()) == sorted(f"{n}.png" for n in names)
     for name in names:
@@ -181,6 +176,13 @@ def test_demo_with_the_default_model(capsys, tmp_path, monkeypatch):
     with Image.open(out_dir / "contact_sheet.png") as sheet:
         assert sheet.size == (160 * len(names), 160 + 28)
     assert out["contact_sheet"] == str(out_dir / "contact_sheet.png")
+    # the trained model draws what the demo asks for, and its thought resolves the indirect prompt
+    with Image.open(out_dir / "t2i.png") as im:
+        asked = parse_description("a red circle at the top left, a blue square at the center")
+        assert scene_matches(read_scene(im), asked)
+    assert out["thought"].endswith("</think> a blue triangle at the center")
+    with Image.open(out_dir / "think_t2i.png") as im:
+        assert scene_matches(read_scene(im), parse_description("a blue triangle at the center"))
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ def test_error_latents_file(capsys, tmp_path, tiny_dir):
 
 
 def test_error_exit_status_of_the_entry_point(tmp_path):
-    proc = _subprocess(tmp_path, "understand", "--model", tmp_path / "nowhere", "--prompt", "hi")
+    proc = _subprocess("understand", "--model", tmp_path / "nowhere", "--prompt", "hi")
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

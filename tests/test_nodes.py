@@ -43,6 +43,7 @@ lib = pack.bagel_model
 bridge = importlib.import_module(f"{PACK}.nodes.comfy_bridge")
 images = importlib.import_module(f"{PACK}.nodes.images")
 loader = importlib.import_module(f"{PACK}.nodes.loader")
+tiny = importlib.import_module(f"{PACK}.bagel_model.tiny")
 NODES = pack.NODE_CLASS_MAPPINGS
 SOCKETS = {"BAGEL_MODEL", "BAGEL_CONTEXT", "IMAGE"}
 
@@ -342,7 +343,7 @@ def test_loader_lists_bundled_first_then_model_folders(tmp_path, monkeypatch):
 
 
 def test_loader_loads_a_model_folder_and_never_downloads_one_that_is_there(tmp_path, monkeypatch):
-    lib.tiny.make_tiny(tmp_path / "tiny", seed=1)
+    tiny.make_tiny(tmp_path / "tiny", seed=1)
     monkeypatch.setattr(bridge, "model_roots", lambda: [tmp_path])
     (managed,) = run("BAGELLoader", model_name="tiny", dtype="float32")
     assert managed.model.source == tmp_path / "tiny" and managed.model.dtype == torch.float32

@@ -120,10 +120,6 @@ def test_interrupt_stops_within_about_one_step(server):
     print(f"interrupt at step {step}/399: stopped after {len(seen['after'])} more steps, {latency:.2f} s")
 
 
-@pytest.mark.skipif(
-    not (bundled.BUNDLED_DIR / "ema.safetensors").is_file(),
-    reason="the bundled model is random until the trained shapes model ships",
-)
 def test_bundled_model_draws_the_scene_the_workflow_asks_for(server):
     from bagel_model.shapes.grading import scene_matches
     from bagel_model.shapes.language import parse_description
