@@ -1,16 +1,16 @@
 """Text-to-image and edit timings: our engine in-process, and ours vs. the official code as whole processes.
 
-    python benchmarks/bench_generate.py --model DIR [--size 256] [--steps 20] [--device cuda]
+    python benchmarks/bench_generate.py --model DIR [--size 256] [--steps 20] [--device cuda] [--compile]
         [--official-python PY --official-dir DIR]     # add the official side-by-side rows
 
 In-process rows give seconds per image and per step, decoder forwards and peak memory (device memory on
 CUDA, resident set on CPU) for text-to-image and editing, on the plain path (each CFG branch its own
-forward), the fast path (a step's branches batched into one forward) and the fast path with the step
-cache. The side-by-side rows run `python -m bagel_model generate` and `benchmarks/official_runner.py
-infer --task t2i` on the same folder, prompt and initial noise (notebook defaults: cfg_text 4, cfg_img 1,
-interval [0.4, 1], shift 3, global renorm) and report each process's wall time, peak RSS and the pixel
-difference between the two images. Timings are measurements, not tests: report ratios from one run,
-absolute numbers only with the device.
+forward), with a step's CFG branches batched into one forward, with the step cache too, and (--compile)
+with torch.compile'd decoder layers. The side-by-side rows run `python -m bagel_model generate` and
+`benchmarks/official_runner.py infer --task t2i` on the same folder, prompt and initial noise (notebook
+defaults: cfg_text 4, cfg_img 1, interval [0.4, 1], shift 3, global renorm) and report each process's
+wall time, peak RSS and the pixel difference between the two images. Timings are measurements, not tests:
+report ratios from one run, absolute numbers only with the device.
 """
 
 from __future__ import annotations
@@ -65,12 +65,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# Engine paths compared in-process: the plain one runs each CFG branch as its own forward; the fast one
-# batches a step's branches into one; the step cache (an approximation) also skips steps.
-PATHS = {"plain": {"batch_cfg": False}, "fast": {"batch_cfg": True}, "fast + step cache 2": {"step_cache": 2}}
+# Engine paths compared in-process: the plain one runs each CFG branch as its own forward; the batched one
+# runs a step's branches as one; the step cache (an approximation) also skips steps. (The library's default
+# batches on CUDA and for small CPU images: `sampling.batch_cfg`.)
+PATHS = {
+    "plain": {"batch_cfg": False},
+    "batched CFG": {"batch_cfg": True},
+    "batched CFG + step cache 2": {"batch_cfg": True, "step_cache": 2},
+}
+COMPILED = "plain + torch.compile"  # --compile: every decoder layer through torch.compile (measured last)
 
 
-def in_process(model_dir: str, size: int, steps: int, device: str) -> list[dict]:
+def _compile_layers(model) -> None:
+    layers = model.net.language_model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = torch.compile(layer, dynamic=False)
+
+
+def in_process(model_dir: str, size: int, steps: int, device: str, compile_layers: bool) -> list[dict]:
     model = load(model_dir, device=device)
     dev = model.device
     counter = _count_passes(model)
@@ -82,11 +94,19 @@ def in_process(model_dir: str, size: int, steps: int, device: str) -> list[dict]
         "t2i": lambda s: tasks.generate_image(model, PROMPT, height=size, width=size, settings=s, seed=1),
         "edit": lambda s: tasks.edit_image(model, source, "make the circle green", settings=s, seed=1),
     }
+    paths = {**PATHS, COMPILED: PATHS["plain"]} if compile_layers else PATHS
     for name, base in (("t2i", NOTEBOOK_T2I), ("edit", EDIT_SETTINGS)):
         jobs[name](replace(base, num_steps=2))  # warm-up
         plain = plain_seconds = None
-        for path, options in PATHS.items():
+        for path, options in paths.items():
             settings = replace(base, num_steps=steps, **options)
+            warm_up = None
+            if path == COMPILED:
+                if name == "t2i":  # once; edit then recompiles for its own shapes in its warm-up
+                    _compile_layers(model)
+                start = time.perf_counter()
+                jobs[name](replace(settings, num_steps=3))  # compiles for this task's shapes
+                warm_up = time.perf_counter() - start
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             counter[0] = 0
@@ -109,6 +129,8 @@ def in_process(model_dir: str, size: int, steps: int, device: str) -> list[dict]
             }
             if path != "plain":
                 row["speed-up vs plain"] = round(plain_seconds / seconds, 2)
+            if warm_up is not None:
+                row["compile warm-up s"] = round(warm_up, 1)
             rows.append(row)
     return rows
 
@@ -185,11 +207,12 @@ def main() -> None:
     parser.add_argument("--official-python", help="python of an environment that runs the official code")
     parser.add_argument("--official-dir", default=os.environ.get("BAGEL_OFFICIAL_DIR"))
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--compile", action="store_true", help="add a row with torch.compile'd layers")
     args = parser.parse_args()
     rows = []
     if args.official_python:
         rows += side_by_side(args.model, args.size, args.steps, args.official_python, args.official_dir)
-    rows += in_process(args.model, args.size, args.steps, args.device)
+    rows += in_process(args.model, args.size, args.steps, args.device, args.compile)
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     )
