@@ -144,6 +144,12 @@ def stream_weights(
                 _set_tensor(module, key, tensor.to(dtype=dtype))
 
 
+_INITIALIZERS = frozenset(
+    {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+     "xavier_normal_", "zero_", "zeros_", "ones_", "fill_", "constant_"}
+)  # fmt: skip
+
+
 class _NoInitOnMeta(TorchFunctionMode):
     """While building on meta, weight initializers do nothing: the weights are read next. Run on meta
     they are pointless, and torch routes them through `torch._refs`, whose first use imports
@@ -156,12 +162,6 @@ class _NoInitOnMeta(TorchFunctionMode):
             if getattr(target, "is_meta", False):
                 return target
         return func(*args, **kwargs)
-
-
-_INITIALIZERS = frozenset(
-    {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-     "xavier_normal_", "zero_", "zeros_", "ones_", "fill_", "constant_"}
-)  # fmt: skip
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -106,12 +106,11 @@ def _markers(model: BagelModel, inner: torch.Tensor) -> torch.Tensor:
     return torch.cat([start, inner.to(start.dtype), end])
 
 
-def image_routing(n_latents: int, device: torch.device) -> Routing:
-    """Markers to the understanding expert, the n latent tokens between them to the generation expert."""
-    return Routing(
-        und_idx=torch.tensor([0, n_latents + 1], device=device),
-        gen_idx=torch.arange(1, n_latents + 1, device=device),
-    )
+def image_routing(n_latents: int, device: torch.device, copies: int = 1) -> Routing:
+    """Markers to the understanding expert, the n latent tokens between them to the generation expert;
+    `copies` such image queries one after another (the CFG branches of a batched denoising step)."""
+    is_gen = torch.tensor([False] + [True] * n_latents + [False], device=device)
+    return Routing.from_mask(is_gen.repeat(copies))
 
 
 def text_query(model: BagelModel, text: str) -> Query:

@@ -242,7 +242,6 @@ def denoise(
     cfg = model.config
     h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
     device = model.device
-    routing = image_routing(h * w, device)
     pos_ids = latent_positions(model, h, w)
     markers = model.net.embed_text(
         torch.tensor(
@@ -255,21 +254,22 @@ def denoise(
     text_branch = _Branch.of(model, context.uncond_text, n_query)
     same_img = context.uncond_img.segments == context.cond.segments
     img_branch = None if same_img else _Branch.of(model, context.uncond_img, n_query)
-    query_is_gen = torch.tensor([False] + [True] * (h * w) + [False], device=device)
-    batch_routing = {1: routing}
-    batched = batch_cfg(settings, device, h * w)
+    routings: dict[int, Routing] = {}  # per number of branches in one forward
 
-    def velocities(branches: list[_Branch], embeds: torch.Tensor) -> list[torch.Tensor]:
-        """The velocity after each branch: one forward for all of them when batching, else one each."""
-        if len(branches) > 1 and not batched:
-            return [v for b in branches for v in velocities([b], embeds)]
+    def forward(branches: list[_Branch], embeds: torch.Tensor) -> list[torch.Tensor]:
+        """One decoder pass of the query after each of `branches`, side by side: their velocities."""
         n = len(branches)
-        if n not in batch_routing:
-            batch_routing[n] = Routing.from_mask(query_is_gen.repeat(n))
+        if n not in routings:
+            routings[n] = image_routing(h * w, device, copies=n)
         positions = torch.cat([zero_offsets + b.rope for b in branches])
         kv = branches[0].kv if n == 1 else tuple(b.kv for b in branches)
-        hidden, _ = model.net(embeds.repeat(n, 1), positions, batch_routing[n], kv, causal=False)
+        hidden, _ = model.net(embeds.repeat(n, 1), positions, routings[n], kv, causal=False)
         return list(model.net.velocity(hidden.view(n, n_query, -1)[:, 1:-1]).float())
+
+    def velocities(branches: list[_Branch], embeds: torch.Tensor) -> list[torch.Tensor]:
+        if batch_cfg(settings, device, h * w):
+            return forward(branches, embeds)
+        return [v for b in branches for v in forward([b], embeds)]
 
     def guided_velocity(t: float, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The CFG-combined velocity at time t, and how many branch passes it took."""
@@ -284,8 +284,11 @@ def denoise(
             if img_scale > 1.0 and img_branch is not None:
                 branches.append(img_branch)
         v, *rest = velocities(branches, embeds)
-        v_text = rest[0] if rest else None
-        v_img = None if img_scale <= 1.0 or v_text is None else rest[1] if img_branch is not None else v
+        v_text = v_img = None
+        if rest:
+            v_text = rest[0]
+            if img_scale > 1.0:
+                v_img = rest[1] if img_branch is not None else v  # reused: its history is cond's
         return combine_cfg(
             v, v_text, v_img, text_scale, img_scale, settings.renorm_type, settings.renorm_min
         ), len(branches)
