@@ -7,7 +7,8 @@ consumes these functions; nothing here knows about the model, PIL or files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +34,18 @@ class FlowSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
+        # Headless clients can send NaN or infinity through the HTTP API: every comparison below is False
+        # for NaN, so non-finite values are refused first, by name.
+        numbers = {
+            "cfg_text_scale": self.cfg_text_scale,
+            "cfg_img_scale": self.cfg_img_scale,
+            "cfg_interval start": self.cfg_interval[0],
+            "cfg_interval end": self.cfg_interval[1],
+            "timestep_shift": self.timestep_shift,
+            "renorm_min": self.renorm_min,
+        }
+        for name, value in numbers.items():
+            check_finite(name, value)
         if self.num_steps < 2:
             raise ValueError(
                 f"steps must be at least 2 (got {self.num_steps}): the last time, 0, is never evaluated"
@@ -52,6 +65,37 @@ class FlowSettings:
             raise ValueError(f"step_cache must be at least 1 (1 = off), got {self.step_cache}")
 
 
+def check_finite(name: str, value: float) -> None:
+    """Refuse NaN and infinities, naming the setting."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def flow_settings(base: FlowSettings, **knobs: object) -> FlowSettings:
+    """`base` with the user's knobs applied; a knob that is None keeps the base value.
+
+    The knobs are the flat names the CLI and the node widgets share: steps, cfg_text_scale, cfg_img_scale,
+    cfg_interval_start, cfg_interval_end, timestep_shift, renorm_type, renorm_min, step_cache."""
+    fields = {
+        "steps": "num_steps",
+        "cfg_text_scale": "cfg_text_scale",
+        "cfg_img_scale": "cfg_img_scale",
+        "timestep_shift": "timestep_shift",
+        "renorm_type": "renorm_type",
+        "renorm_min": "renorm_min",
+        "step_cache": "step_cache",
+    }
+    unknown = set(knobs) - set(fields) - {"cfg_interval_start", "cfg_interval_end"}
+    if unknown:
+        raise TypeError(f"unknown sampler settings: {', '.join(sorted(unknown))}")
+    changes = {fields[k]: v for k, v in knobs.items() if k in fields and v is not None}
+    lo, hi = knobs.get("cfg_interval_start"), knobs.get("cfg_interval_end")
+    if lo is not None or hi is not None:
+        base_lo, base_hi = base.cfg_interval
+        changes["cfg_interval"] = (base_lo if lo is None else lo, base_hi if hi is None else hi)
+    return replace(base, **changes)
+
+
 BATCH_CFG_CPU_TOKENS = 64
 
 
@@ -66,13 +110,17 @@ EDIT_SETTINGS = FlowSettings(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), renorm_
 T2I_SETTINGS = FlowSettings()
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The official timestep shift: shift > 1 spends more of the schedule (or of training) at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def schedule(num_steps: int, shift: float) -> tuple[list[float], list[float]]:
     """The evaluated times (num_steps - 1 of them, from 1 down, 0 excluded) and the Euler step sizes.
 
     Returned as Python floats: the loop needs them on the host to decide CFG, and computing them once here
     keeps device syncs out of the loop."""
-    t = torch.linspace(1, 0, num_steps)
-    t = shift * t / (1 + (shift - 1) * t)
+    t = shift_time(torch.linspace(1, 0, num_steps), shift)
     return t[:-1].tolist(), (t[:-1] - t[1:]).tolist()
 
 
