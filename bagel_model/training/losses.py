@@ -18,13 +18,13 @@ import torch.nn.functional as F
 
 from ..layers.decoder import Routing
 from ..model import Bagel
+from ..sampling import shift_time
 from .data import TASKS, Packed
 
 
 def sample_timesteps(n: int, shift: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n,) flow times in (0, 1): sigmoid of a standard normal, then the timestep shift."""
-    t = torch.sigmoid(torch.randn(n, generator=generator))
-    return shift * t / (1 + (shift - 1) * t)
+    return shift_time(torch.sigmoid(torch.randn(n, generator=generator)), shift)
 
 
 def noised(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
