@@ -5,6 +5,7 @@
 - `data`: sequence plans per task (laid out as `tasks.py` lays out contexts) and packing, with the
   generalized-causal mask, official RoPE ids and CFG dropout;
 - `losses`: next-token CE and rectified-flow MSE over one packed sequence;
+- `schedule`: the warm-up + cosine learning rate both loops follow;
 - `trainer`: AdamW, EMA, clipping, checkpoints in the official layout, resume;
 - `evaluate`: held-out capability accuracy through the real tasks and the shapes scorer;
 - `recipe`: `python -m bagel_model.training.recipe --out DIR` makes the bundled model.

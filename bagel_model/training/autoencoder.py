@@ -16,7 +16,6 @@ Not here: anything of the BAGEL decoder, tokenizer or packing; files (the recipe
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from ..config import VAEConfig
 from ..images import to_tensor
 from ..layers.vae import AutoEncoder
 from ..shapes import render, sample_scene, sample_world, view
+from .schedule import warmup_cosine_lr
 
 # The bundled AE: 32 channels at every level (32 is the smallest width FLUX's GroupNorm(32) allows), no
 # resnet in the encoder levels and one per decoder level. Full-resolution convolutions dominate the cost
@@ -45,6 +45,8 @@ class AESettings:
     seconds: float = 900.0  # and a wall-clock cap; the learning rate decays over whichever ends first
     batch: int = 8
     lr: float = 3e-3
+    warmup_steps: int = 50
+    final_lr_ratio: float = 0.05
     kl_weight: float = 1e-5
     crop: int = 64  # crop side (64: whole frames; crops change GroupNorm statistics, which hurt)
 
@@ -119,9 +121,7 @@ def train_autoencoder(
         progress = max(step / settings.max_steps, (time.monotonic() - start) / settings.seconds)
         if progress >= 1.0:
             break
-        lr = (
-            settings.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        )
+        lr = warmup_cosine_lr(settings.lr, step, progress, settings.warmup_steps, settings.final_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         x = random_crops(training_images(rng, settings.batch), settings.crop, rng)

@@ -37,6 +37,7 @@ from ..layers.vae import AutoEncoder
 from ..model import Bagel
 from .data import Packed
 from .losses import objective
+from .schedule import warmup_cosine_lr
 
 STATE_FILE = "trainer_state.pt"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -117,12 +118,6 @@ def init_weights(net: Bagel, generator: torch.Generator) -> None:
 # -- the trainer -----------------------------------------------------------------------------------------
 
 
-def _progress_lr(settings: TrainSettings, step: int, progress: float) -> float:
-    warm = min(1.0, (step + 1) / settings.warmup_steps)
-    r = settings.final_lr_ratio
-    return settings.lr * warm * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 class Trainer:
     """Owns the network being trained, its EMA and optimizer; the AE and tokenizer ride along for exports."""
 
@@ -162,7 +157,8 @@ class Trainer:
         return self.progress >= 1.0
 
     def lr(self) -> float:
-        return _progress_lr(self.settings, self.step, self.progress)
+        s = self.settings
+        return warmup_cosine_lr(s.lr, self.step, self.progress, s.warmup_steps, s.final_lr_ratio)
 
     def vit_lr_scale(self) -> float:
         return 0.0 if self.progress < self.settings.vit_frozen_fraction else self.settings.vit_lr_scale
