@@ -164,6 +164,13 @@ def test_bf16_follows_the_input_dtype(tiny_cfg, tiny_sd):
     assert (image16.float() - image32).abs().max() < 0.1
 
 
+def test_device_and_dtype_are_read_from_the_weights():
+    ae = AutoEncoder(VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, downsample=4, z_channels=4))
+    assert (ae.device, ae.dtype) == (torch.device("cpu"), torch.float32)
+    ae.to(torch.bfloat16)
+    assert ae.dtype == torch.bfloat16
+
+
 # Computed once from the official BAGEL `modeling/autoencoder.py` (FLUX code), run in-process on the tiny
 # weights with `DiagonalGaussian(sample=False)`, on the RNG-free inputs below. Our max abs error against
 # those official outputs, over the whole tensors, was 2.0e-6 (encode) and 3.3e-6 (decode) in fp32.

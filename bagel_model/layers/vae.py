@@ -18,6 +18,7 @@ Deliberately not here:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -190,6 +191,16 @@ class AutoEncoder(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (inputs must be moved there)."""
+        return self.encoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (inputs must be cast to it)."""
+        return self.encoder.conv_in.weight.dtype
 
     def encode(self, x: Tensor) -> Tensor:
         """(b, 3, H, W) in [-1, 1] -> scaled latent (b, z, H/8, W/8).

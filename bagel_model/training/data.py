@@ -275,8 +275,8 @@ class ImageBank:
         if not missing:
             return
         pixels = torch.stack([to_tensor(self._images(s)[0]) for s in missing])
-        weight = next(self.ae.parameters())
-        pixels = pixels.to(weight.device, weight.dtype, memory_format=torch.channels_last)  # ~2x faster convs
+        # channels_last: ~2x faster convs
+        pixels = pixels.to(self.ae.device, self.ae.dtype, memory_format=torch.channels_last)
         latents = self.ae.encode(pixels).float().cpu()
         for scene, latent in zip(missing, latents, strict=True):
             self._remember(self._latent, scene, patchify(latent, self.cfg.latent_patch_size), self.capacity)
