@@ -213,8 +213,7 @@ def save(model: Bagel, vae: AutoEncoder, cfg: BagelConfig, folder: Path | str) -
     llm.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=False)
     (folder / "llm_config.json").write_text(json.dumps(llm, indent=2))
     (folder / "vit_config.json").write_text(json.dumps(cfg.vit.to_json_dict(), indent=2))
-    ae = {f: getattr(cfg.vae, f) for f in cfg.vae.__dataclass_fields__}
-    (folder / "ae_config.json").write_text(json.dumps({**ae, "ch_mult": list(cfg.vae.ch_mult)}, indent=2))
+    cfg.vae.to_json(folder / "ae_config.json")
     (folder / "bagel_inference.json").write_text(json.dumps(cfg.inference.to_json_dict(), indent=2))
     for module, name in ((model, "ema.safetensors"), (vae, "ae.safetensors")):
         tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}

@@ -12,7 +12,7 @@ This module does not touch tensors or files other than small JSON configs.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,10 @@ class VAEConfig:
     @classmethod
     def from_json(cls, path: Path) -> VAEConfig:
         return cls(**_pick(cls, _read_json(path), path))
+
+    def to_json(self, path: Path) -> None:
+        """Write `ae_config.json` (every field, so the file alone describes the AE) for `from_json`."""
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
 @dataclass(frozen=True)

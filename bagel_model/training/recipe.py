@@ -111,7 +111,7 @@ class _Log:
 def _autoencoder(out: Path, recipe: Recipe, log: _Log) -> tuple[AutoEncoder, VAEConfig]:
     folder = out / "ae"
     if (folder / "ae.safetensors").is_file():
-        cfg = VAEConfig(**json.loads((folder / "ae_config.json").read_text()))
+        cfg = VAEConfig.from_json(folder / "ae_config.json")
         ae = AutoEncoder(cfg)
         ae.load_state_dict(load_file(str(folder / "ae.safetensors")))
         log(f"autoencoder: reusing {folder}")
@@ -123,7 +123,7 @@ def _autoencoder(out: Path, recipe: Recipe, log: _Log) -> tuple[AutoEncoder, VAE
     log(f"autoencoder: held-out {reconstruction_check(ae)}")
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(folder / "ae.safetensors"))
-    (folder / "ae_config.json").write_text(json.dumps({**asdict(cfg), "ch_mult": list(cfg.ch_mult)}))
+    cfg.to_json(folder / "ae_config.json")
     return ae, cfg
 
 
