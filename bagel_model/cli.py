@@ -22,7 +22,7 @@ from . import tasks
 from .checkpoint import load
 from .model import BagelModel
 from .quant import WEIGHT_MODES
-from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings
+from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,14 +76,18 @@ def _model(args: argparse.Namespace) -> BagelModel:
 
 
 def _flow_settings(args: argparse.Namespace, base: FlowSettings) -> FlowSettings:
-    return FlowSettings(
-        num_steps=args.steps if args.steps is not None else base.num_steps,
-        cfg_text_scale=args.cfg_text if args.cfg_text is not None else base.cfg_text_scale,
-        cfg_img_scale=args.cfg_img if args.cfg_img is not None else base.cfg_img_scale,
-        cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else base.cfg_interval,
-        timestep_shift=args.timestep_shift if args.timestep_shift is not None else base.timestep_shift,
-        renorm_type=args.renorm_type or base.renorm_type,
-        renorm_min=args.renorm_min if args.renorm_min is not None else base.renorm_min,
+    """`base` with the sampler options given on the command line (an option left out keeps its value)."""
+    start, end = args.cfg_interval or (None, None)
+    return flow_settings(
+        base,
+        steps=args.steps,
+        cfg_text_scale=args.cfg_text,
+        cfg_img_scale=args.cfg_img,
+        cfg_interval_start=start,
+        cfg_interval_end=end,
+        timestep_shift=args.timestep_shift,
+        renorm_type=args.renorm_type,
+        renorm_min=args.renorm_min,
         step_cache=args.step_cache,
     )
 
@@ -183,8 +187,8 @@ def cmd_demo(args: argparse.Namespace) -> Output:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = dict(height=model.config.inference.default_height, width=model.config.inference.default_width)
-    steps = FlowSettings(num_steps=args.steps or 20)
-    edit_steps = FlowSettings(**{**vars(EDIT_SETTINGS), "num_steps": args.steps or 20})
+    steps = flow_settings(T2I_SETTINGS, steps=args.steps or 20)
+    edit_steps = flow_settings(EDIT_SETTINGS, steps=args.steps or 20)
     prompt = "a red circle at the top left, a blue square at the center"
     t0 = time.perf_counter()
     t2i, _ = tasks.generate_image(model, prompt, settings=steps, seed=args.seed, **size)

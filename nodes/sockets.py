@@ -8,7 +8,7 @@ Nothing here runs a model.
 
 from __future__ import annotations
 
-from ..bagel_model import Context, FlowSettings, TextSettings
+from ..bagel_model import Context, FlowSettings, TextSettings, sampling
 from ..bagel_model.sampling import RENORM_TYPES
 
 MODEL = "BAGEL_MODEL"
@@ -116,11 +116,13 @@ def flow_settings(
     step_cache: int = 1,
 ) -> FlowSettings:
     """The sampler widgets as library settings (which check them and name any bad value)."""
-    return FlowSettings(
-        num_steps=steps,
+    return sampling.flow_settings(
+        FlowSettings(),
+        steps=steps,
         cfg_text_scale=cfg_text_scale,
         cfg_img_scale=cfg_img_scale,
-        cfg_interval=(cfg_interval_start, cfg_interval_end),
+        cfg_interval_start=cfg_interval_start,
+        cfg_interval_end=cfg_interval_end,
         timestep_shift=timestep_shift,
         renorm_type=cfg_renorm_type,
         renorm_min=cfg_renorm_min,
