@@ -33,8 +33,9 @@ answer here. planning process, generate the image, image here. moves right left 
 """
 
 
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE in Qwen2's file formats: tokenizer.json (fast) and vocab.json/merges.txt (slow)."""
+def write_tokenizer(folder: Path, vocab_size: int, corpus: str = _CORPUS) -> None:
+    """A byte-level BPE in Qwen2's file formats: tokenizer.json (fast) and vocab.json/merges.txt (slow),
+    trained on the non-empty lines of `corpus` (by default a few lines of the shapes world's words)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -48,7 +49,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
+    tok.train_from_iterator([line for line in corpus.splitlines() if line], trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     tok.model.save(str(folder))  # vocab.json, merges.txt

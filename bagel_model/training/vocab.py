@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from unittest import mock
 
 from .. import tiny
 from ..shapes import (
@@ -52,9 +51,6 @@ def shapes_corpus(seed: int = 0, scenes: int = 400) -> list[str]:
 
 
 def write_tokenizer(folder: Path, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> None:
-    """tokenizer.json, vocab.json, merges.txt and tokenizer_config.json in Qwen2's formats.
-
-    `tiny.write_tokenizer` writes the files; it trains on its module corpus, which is swapped for the
-    shapes corpus for the call (until it takes a corpus argument)."""
-    with mock.patch.object(tiny, "_CORPUS", "\n".join(shapes_corpus(seed))):
-        tiny.write_tokenizer(Path(folder), vocab_size)
+    """tokenizer.json, vocab.json, merges.txt and tokenizer_config.json in Qwen2's formats, trained on
+    `shapes_corpus(seed)` (`tiny.write_tokenizer` writes the files)."""
+    tiny.write_tokenizer(Path(folder), vocab_size, corpus="\n".join(shapes_corpus(seed)))
