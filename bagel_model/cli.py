@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from . import tasks
 from .checkpoint import load
 from .model import BagelModel
-from .quant import WEIGHT_MODES
+from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "weights", None) == "int8":
+        quiet_int8_cast_warnings()  # a process-wide logging setting: the application's to make
     try:
         output = args.run(args)
     except (

@@ -65,9 +65,6 @@ class BnbLinear(nn.Module):
             )
         else:
             self.inner = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
-            # It logs a warning on every matmul whose input is not fp16 (it casts bf16/fp32 inputs, as
-            # intended here): thousands of lines per image in ComfyUI's console.
-            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     @torch.no_grad()
@@ -96,6 +93,15 @@ def bitsandbytes():
             "(or use weights 'fp8', which needs nothing)"
         ) from e
     return bitsandbytes
+
+
+def quiet_int8_cast_warnings() -> None:
+    """Silence bitsandbytes' int8 warning about casting non-fp16 inputs.
+
+    Its int8 matmul logs a warning on every call whose input is not fp16; it casts bf16/fp32 inputs, as
+    intended here, so a generated image prints thousands of identical lines. Logging is the application's
+    to configure: entry points that load "int8" weights (the CLI, the ComfyUI loader) call this."""
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def quantized_targets(net: nn.Module) -> list[str]:
