@@ -1,14 +1,22 @@
 """`Bagel`: the network of `ema.safetensors`, and `BagelModel`: everything a task needs to run it.
 
 `Bagel` turns each kind of token into decoder input (text ids, ViT patches, VAE latents at a flow time),
-runs the MoT decoder over a query against a KV prefix, and maps hidden states back out (next-token logits,
-flow velocity). It knows nothing about prompts, contexts or images: those are `context.py` and `tasks.py`.
+runs the MoT decoder over a query against KV caches, and maps hidden states back out (next-token logits,
+flow velocity). `BagelModel` adds the tokenizer and the autoencoder and builds whole decoder inputs
+(`Query`: a text segment, a ViT image, a VAE image at a flow time, each in BAGEL's token layout), the one
+place both appending to a context and the sampling loops get them from. Neither knows about contexts or
+tasks: those are `context.py`, `engine.py` and `tasks.py`.
+
+Token layout (BAGEL_REFERENCE §4.3, §5.2): a text segment is `<|im_start|> text <|im_end|>` at consecutive
+RoPE positions; an image is `<|vision_start|> tokens <|vision_end|>` with every token at one position.
+Markers use the understanding expert, VAE latent tokens the generation expert.
 
 Shapes: n tokens, D hidden, c = 4 * z latent features per token (2x2 patch of z channels).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BagelConfig
+from .images import flattened_position_ids, from_tensor, patchify, unpatchify_latent
 from .layers.attention import Backend
-from .layers.decoder import KV, KVWorkspace, LanguageModel, Routing, Workspaces
+from .layers.decoder import KV, KVCache, LanguageModel, Routing
 from .layers.embeddings import PositionTable, TimestepEmbedder
 from .layers.vae import AutoEncoder
 from .layers.vit import SiglipVisionModel
@@ -64,14 +73,12 @@ class Bagel(nn.Module):
         return self.language_model.model.embed_tokens(ids)
 
     def embed_vit(
-        self,
-        patches: torch.Tensor,
-        position_ids: torch.Tensor,
-        seq_lens: list[int],
-        backend: Backend = "auto",
+        self, patches: torch.Tensor, position_ids: torch.Tensor, seq_lens: list[int]
     ) -> torch.Tensor:
-        """patches (n, 3*p*p) of one or more images -> (n, D)."""
-        features = self.vit_model(patches.to(self.dtype), position_ids, seq_lens, attn_backend=backend)
+        """patches (n, 3*p*p) of one or more images -> (n, D), with the attention backend chosen at load."""
+        features = self.vit_model(
+            patches.to(self.dtype), position_ids, seq_lens, attn_backend=self.attn_backend
+        )
         return self.connector(features) + self.vit_pos_embed(position_ids)
 
     def embed_latents(self, x: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -83,12 +90,21 @@ class Bagel(nn.Module):
         embeds: torch.Tensor,  # (n, D)
         positions: torch.Tensor,  # (n,) rope ids
         routing: Routing,
-        past: KV | KVWorkspace | Workspaces | None,
+        caches: Sequence[KVCache] | None,
         causal: bool,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KV | tuple[KV, ...]]:
-        """A decoder pass of a query after the prefix `past`: final hidden states and the query's K/V."""
-        return self.language_model.model(embeds, positions, routing, past, causal, self.attn_backend, mask)
+    ) -> torch.Tensor:
+        """A decoder pass of a query after each cache's prefix (see `MoTDecoder.forward`): final hidden
+        states. `caches=None`: the query alone (no history; training), with its K/V discarded."""
+        if caches is None:
+            caches = [self.new_cache(embeds.shape[0])]
+        return self.language_model.model(embeds, positions, routing, caches, causal, self.attn_backend, mask)
+
+    def new_cache(self, n_query: int, prefix: Sequence[KV] = ()) -> KVCache:
+        """A cache holding `prefix` (segments in order) with room for `n_query` tokens."""
+        llm = self.config.llm
+        shape = (llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim)
+        return KVCache.allocate(prefix, n_query, self.vae2llm.weight, shape)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)
@@ -96,6 +112,37 @@ class Bagel(nn.Module):
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         """Predicted flow velocity (noise - data) for latent tokens' hidden states."""
         return self.llm2vae(hidden)
+
+
+@dataclass(frozen=True)
+class Query:
+    """Decoder input for some new tokens: embeddings, RoPE offsets from the history's next position,
+    expert routing, and whether the tokens attend causally among themselves (text) or fully (images)."""
+
+    embeds: torch.Tensor  # (n, D)
+    offsets: torch.Tensor  # (n,)
+    routing: Routing
+    causal: bool
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass(frozen=True)
+class ImageFrame:
+    """What every VAE-image query of one latent grid shares, built once per grid: denoising makes one
+    query per step from it, appending a clean image one."""
+
+    h: int
+    w: int
+    positions: torch.Tensor  # (h*w,) into the latent position table
+    markers: torch.Tensor  # (2, D) <|vision_start|>, <|vision_end|> embeddings
+    routing: Routing  # markers -> understanding expert, latents -> generation expert
+
+    @property
+    def length(self) -> int:
+        return self.h * self.w + 2
 
 
 @dataclass
@@ -118,3 +165,76 @@ class BagelModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.net.dtype
+
+    # -- decoder inputs ------------------------------------------------------------------------------
+
+    def _markers(self) -> torch.Tensor:
+        m = self.tokenizer.markers
+        return self.net.embed_text(torch.tensor([m.start_of_image, m.end_of_image], device=self.device))
+
+    def _image(self, inner: torch.Tensor, markers: torch.Tensor, routing: Routing) -> Query:
+        """Inner image embeddings (n, D) wrapped in the vision markers, every token at one position."""
+        embeds = torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])
+        offsets = torch.zeros(embeds.shape[0], dtype=torch.long, device=self.device)
+        return Query(embeds, offsets, routing, causal=False)
+
+    def text_query(self, text: str) -> Query:
+        ids = torch.tensor(self.tokenizer.segment(text), device=self.device)
+        offsets = torch.arange(ids.numel(), device=self.device)
+        return Query(self.net.embed_text(ids), offsets, Routing(), causal=True)
+
+    def token_query(self, token: int) -> Query:
+        """One decoded token (it attends to everything before it)."""
+        ids = torch.tensor([token], device=self.device)
+        return Query(
+            self.net.embed_text(ids), torch.zeros(1, dtype=torch.long, device=self.device), Routing(), True
+        )
+
+    def image_frame(self, h: int, w: int) -> ImageFrame:
+        """The shared parts of an image query on an h x w latent-token grid."""
+        positions = flattened_position_ids(h, w, self.config.max_latent_size).to(self.device)
+        is_gen = torch.tensor([False] + [True] * (h * w) + [False], device=self.device)
+        return ImageFrame(h, w, positions, self._markers(), Routing.from_mask(is_gen))
+
+    def latent_query(self, frame: ImageFrame, tokens: torch.Tensor, t: float) -> Query:
+        """A VAE image: latent patches (h*w, c) at flow time t (0 for a clean context image)."""
+        time = torch.full((), t, dtype=torch.float32, device=self.device)
+        inner = self.net.embed_latents(tokens.to(self.device), time, frame.positions)
+        return self._image(inner, frame.markers, frame.routing)
+
+    def vit_query(self, pixels: torch.Tensor) -> Query:
+        """An image for understanding: pixels (3, H, W) in [-1, 1], H and W multiples of the patch."""
+        p = self.config.vit.patch_size
+        h, w = pixels.shape[1] // p, pixels.shape[2] // p
+        patches = patchify(pixels, p).to(self.device)
+        positions = flattened_position_ids(h, w, self.config.vit_max_num_patch_per_side).to(self.device)
+        return self._image(self.net.embed_vit(patches, positions, [h * w]), self._markers(), Routing())
+
+    def run(self, query: Query, ropes: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+        """One decoder pass of `query` after each cache's prefix, side by side, starting at that history's
+        next RoPE position: hidden states (len(caches) * n, D). The query's K/V land in the caches' room."""
+        n = len(caches)
+        positions = torch.cat([query.offsets + r for r in ropes])
+        embeds = query.embeds if n == 1 else query.embeds.repeat(n, 1)
+        return self.net(embeds, positions, query.routing.repeat(n, query.length), caches, query.causal)
+
+    # -- the autoencoder -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_latent(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (3, H, W) in [-1, 1] -> latent patches (h*w, c) with h, w = H/16, W/16.
+
+        The AE posterior *mean* is used, so the same image always encodes to the same context (the official
+        inferencer samples the posterior, which makes every re-encoding of an image differ)."""
+        weight = next(self.vae.parameters())
+        latent = self.vae.encode(pixels.unsqueeze(0).to(weight.device, weight.dtype))[0]
+        return patchify(latent, self.config.latent_patch_size)
+
+    @torch.no_grad()
+    def decode_latent(self, tokens: torch.Tensor, h: int, w: int):
+        """Latent tokens (h*w, c) -> RGB image, with the official uint8 conversion (truncation)."""
+        cfg = self.config
+        latent = unpatchify_latent(tokens, h, w, cfg.latent_patch_size, cfg.latent_channels)
+        weight = next(self.vae.parameters())
+        pixels = self.vae.decode(latent.unsqueeze(0).to(weight.device, weight.dtype))[0]
+        return from_tensor(pixels.float().cpu())

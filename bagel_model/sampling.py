@@ -1,13 +1,14 @@
 """Rectified-flow sampling as pure functions: the time schedule, the CFG window, the guidance combination.
 
 Convention (official): x_t = (1 - t) x_0 + t * noise, t = 1 is pure noise, the network predicts
-v = noise - x_0, and an Euler step is x <- x - v * dt. The denoise loop lives in `tasks.py` and only
-consumes these functions; nothing here knows about the model, PIL or files.
+v = noise - x_0, and an Euler step is x <- x - v * dt. `euler` is the loop itself, over any velocity
+function; `engine.py` gives it BAGEL's guided velocity. Nothing here knows about the model, PIL or files.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -172,3 +173,28 @@ def extrapolate_velocity(
     one tensor of memory per branch-free step instead of caches in every layer)."""
     (t0, v0), (t1, v1) = earlier, last
     return v1 + (v1 - v0) * ((t - t1) / (t1 - t0))
+
+
+def euler(
+    velocity: Callable[[float, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    settings: FlowSettings,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Integrate from noise `x` (t = 1) to data (t = 0) with `settings.num_steps - 1` Euler steps.
+
+    `velocity(t, x)` is evaluated at each step, except with `settings.step_cache = k > 1`: then only every
+    k-th step (and the first two, which seed the trend) calls it and the others extrapolate (faster, not
+    identical). `callback(step, total, x)` follows every step; an exception raised there stops the loop."""
+    times, steps = schedule(settings.num_steps, settings.timestep_shift)
+    evaluated: list[tuple[float, torch.Tensor]] = []  # the last two (t, v) from `velocity`
+    for i, (t, dt) in enumerate(zip(times, steps, strict=True)):
+        if settings.step_cache > 1 and len(evaluated) == 2 and i % settings.step_cache:
+            v = extrapolate_velocity(t, *evaluated)
+        else:
+            v = velocity(t, x)
+            evaluated = [*evaluated[-1:], (t, v)]
+        x = x - v * dt
+        if callback is not None:
+            callback(i + 1, len(times), x)
+    return x

@@ -17,11 +17,11 @@ import torch
 from PIL import Image, ImageDraw
 
 import bagel_model
-from bagel_model.context import Context, ContextError, encode_latent
+from bagel_model.context import Context, ContextError
+from bagel_model.engine import denoise
 from bagel_model.images import flattened_position_ids, patchify, prepare_context_image, to_tensor
 from bagel_model.layers.decoder import Routing
 from bagel_model.sampling import FlowSettings
-from bagel_model.tasks import denoise
 
 A = "a red circle at the top left"
 B = "move the red circle to the bottom right"
@@ -80,8 +80,9 @@ def _one_prefill(model, parts):
         slices.append(slice(start, end))
         start = end
     with torch.no_grad():
-        hidden, kv = model.net(embeds, positions, Routing.from_mask(is_gen), None, False, mask)
-    return hidden, kv, slices
+        cache = model.net.new_cache(n)
+        hidden = model.net(embeds, positions, Routing.from_mask(is_gen), [cache], False, mask)
+    return hidden, cache.new_kv(), slices
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def reference_parts(tiny_model, picture):
     vae_image, vit_image = prepare_context_image(picture, cfg.inference.vae_limits, cfg.inference.vit_limits)
     h, w = vae_image.height // cfg.latent_downsample, vae_image.width // cfg.latent_downsample
     with torch.no_grad():
-        latent = encode_latent(model, to_tensor(vae_image))
+        latent = model.encode_latent(to_tensor(vae_image))
         vae_inner = model.net.embed_latents(
             latent, torch.tensor(0.0), flattened_position_ids(h, w, cfg.max_latent_size)
         )
@@ -135,16 +136,17 @@ def test_appending_equals_one_prefill(tiny_model, chain, reference_parts):
     for seg, s in zip(chain.cond.segments, slices[:-1], strict=True):
         torch.testing.assert_close(seg.kv.k, kv.k[:, s], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(seg.kv.v, kv.v[:, s], atol=1e-5, rtol=1e-5)
-    # the first decoding step of generate_text, against the cached context
+    # the first decoding step of engine.decode_text, against the cached context
     with torch.no_grad():
-        h1, _ = model.net(next_tok[0], next_tok[1], Routing(), chain.cond.kv(), True)
+        cache = model.net.new_cache(1, chain.cond.kvs())
+        h1 = model.net(next_tok[0], next_tok[1], Routing(), [cache], True)
         cached, full = model.net.logits(h1[-1]), model.net.logits(hidden[-1])
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
     assert cached.std() > 0.01
 
 
 def test_velocity_equals_one_prefill(tiny_model, chain, reference_parts):
-    """A denoising evaluation (tasks.denoise, one step, no CFG) against the cached context equals the noisy
+    """A denoising evaluation (engine.denoise, one step, no CFG) against the cached context equals the noisy
     image at the end of one prefill."""
     model, cfg = tiny_model, tiny_model.config
     h = w = 2  # a 32x32 image: 4 latent tokens

@@ -35,6 +35,12 @@ def _cat(a: KV | None, b: KV) -> KV:
     return b if a is None else KV(torch.cat([a.k, b.k], dim=1), torch.cat([a.v, b.v], dim=1))
 
 
+def _forward(net, emb, pos, routing, past: KV | None, causal: bool, mask=None) -> tuple[torch.Tensor, KV]:
+    """One decoder pass after `past` (None: no history): hidden states and the query's K/V."""
+    cache = net.new_cache(emb.shape[0], () if past is None else (past,))
+    return net(emb, pos, routing, [cache], causal, mask), cache.new_kv()
+
+
 def _text_ids(model, text: str) -> torch.Tensor:
     return torch.tensor(model.tokenizer.segment(text))
 
@@ -44,8 +50,8 @@ def prefix(tiny_model):
     """A cached text segment (positions 0..n-1) for queries to attend to."""
     ids = _text_ids(tiny_model, "a red circle at the top left")
     with torch.no_grad():
-        _, kv = tiny_model.net(
-            tiny_model.net.embed_text(ids), torch.arange(ids.numel()), Routing(), None, True
+        _, kv = _forward(
+            tiny_model.net, tiny_model.net.embed_text(ids), torch.arange(ids.numel()), Routing(), None, True
         )
     return kv, ids.numel()
 
@@ -73,9 +79,9 @@ def test_prefill_in_pieces_and_token_by_token_equals_one_causal_pass(tiny_model)
     ids = torch.cat([a, b])
     emb, pos, n_a = net.embed_text(ids), torch.arange(ids.numel()), a.numel()
 
-    full, kv_full = net(emb, pos, Routing(), None, True)
-    h_a, kv_a = net(emb[:n_a], pos[:n_a], Routing(), None, True)
-    h_b, kv_b = net(emb[n_a:], pos[n_a:], Routing(), kv_a, True)
+    full, kv_full = _forward(net, emb, pos, Routing(), None, True)
+    h_a, kv_a = _forward(net, emb[:n_a], pos[:n_a], Routing(), None, True)
+    h_b, kv_b = _forward(net, emb[n_a:], pos[n_a:], Routing(), kv_a, True)
     torch.testing.assert_close(torch.cat([h_a, h_b]), full, rtol=0, atol=1e-5)
     kv_split = _cat(kv_a, kv_b)
     torch.testing.assert_close(kv_split.k, kv_full.k, rtol=0, atol=1e-5)
@@ -83,14 +89,14 @@ def test_prefill_in_pieces_and_token_by_token_equals_one_causal_pass(tiny_model)
 
     past, steps = kv_a, []
     for i in range(n_a, ids.numel()):
-        h, kv = net(emb[i : i + 1], pos[i : i + 1], Routing(), past, True)
+        h, kv = _forward(net, emb[i : i + 1], pos[i : i + 1], Routing(), past, True)
         past = _cat(past, kv)
         steps.append(h)
     torch.testing.assert_close(torch.cat(steps), full[n_a:], rtol=0, atol=1e-5)
     torch.testing.assert_close(past.k, kv_full.k, rtol=0, atol=1e-5)
 
     # The cache is really used: B without A's keys is a different computation.
-    alone, _ = net(emb[n_a:], pos[n_a:], Routing(), None, True)
+    alone, _ = _forward(net, emb[n_a:], pos[n_a:], Routing(), None, True)
     assert (alone - full[n_a:]).abs().max() > 1e-2
 
 
@@ -120,13 +126,13 @@ def test_each_token_uses_its_experts_weights(tiny_model, prefix, param, changes)
     kv, n_prefix = prefix
     emb, routing, is_gen = _image_query(tiny_model, 6, 0.5, seed=1)
     pos = torch.full((emb.shape[0],), n_prefix)
-    ref, ref_kv = tiny_model.net(emb, pos, routing, kv, False)
+    ref, ref_kv = _forward(tiny_model.net, emb, pos, routing, kv, False)
 
     net = copy.deepcopy(tiny_model.net)
     last = net.config.llm.num_hidden_layers - 1
     weight = net.language_model.model.get_parameter(param.format(last=last))
     weight.add_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)))
-    out, out_kv = net(emb, pos, routing, kv, False)
+    out, out_kv = _forward(net, emb, pos, routing, kv, False)
 
     changed = {"gen": is_gen, "und": ~is_gen, "all": torch.ones_like(is_gen)}[changes]
     row_diff = (out - ref).abs().amax(dim=1)
@@ -142,12 +148,12 @@ def test_text_never_touches_the_generation_expert(tiny_model, prefix):
     kv, n_prefix = prefix
     net = tiny_model.net
     emb, pos = net.embed_text(ids), torch.arange(n_prefix, n_prefix + ids.numel())
-    ref, ref_kv = net(emb, pos, Routing(), kv, True)
+    ref, ref_kv = _forward(net, emb, pos, Routing(), kv, True)
     noisy = copy.deepcopy(net)
     for name, p in noisy.named_parameters():
         if "moe_gen" in name:
             p.mul_(-3.0)
-    out, out_kv = noisy(emb, pos, Routing(), kv, True)
+    out, out_kv = _forward(noisy, emb, pos, Routing(), kv, True)
     assert torch.equal(out, ref) and torch.equal(out_kv.k, ref_kv.k) and torch.equal(out_kv.v, ref_kv.v)
 
 
@@ -257,15 +263,15 @@ def test_image_tokens_share_one_position_so_order_inside_an_image_does_not_matte
     net = tiny_model.net
 
     shared = torch.full((n,), n_prefix)
-    out, out_kv = net(emb, shared, routing, kv, False)
-    permuted, permuted_kv = net(emb[perm], shared, routing, kv, False)
+    out, out_kv = _forward(net, emb, shared, routing, kv, False)
+    permuted, permuted_kv = _forward(net, emb[perm], shared, routing, kv, False)
     torch.testing.assert_close(permuted, out[perm], rtol=0, atol=1e-5)
     torch.testing.assert_close(permuted_kv.k, out_kv.k[:, perm], rtol=0, atol=1e-5)
 
     # Control: with one position per token the same permutation changes the outputs.
     distinct = n_prefix + torch.arange(n)
-    out, _ = net(emb, distinct, routing, kv, False)
-    permuted, _ = net(emb[perm], distinct, routing, kv, False)
+    out, _ = _forward(net, emb, distinct, routing, kv, False)
+    permuted, _ = _forward(net, emb[perm], distinct, routing, kv, False)
     assert (permuted - out[perm]).abs().max() > 1e-3
 
 
@@ -430,7 +436,7 @@ class _Sequence:
         """Each segment against the K/V of the ones before: hidden states and the K/V, concatenated."""
         past, hidden = None, []
         for emb, pos, is_gen, causal in self.segments:
-            h, kv = self.net(emb, pos, Routing.from_mask(is_gen), past, causal)
+            h, kv = _forward(self.net, emb, pos, Routing.from_mask(is_gen), past, causal)
             hidden.append(h)
             past = _cat(past, kv)
         return torch.cat(hidden), past
@@ -442,7 +448,7 @@ class _Sequence:
         positions = torch.cat([s[1] for s in self.segments])
         routing = Routing.from_mask(torch.cat([s[2] for s in self.segments]))
         allowed = _mask([(s[0].shape[0], s[3]) for s in self.segments])
-        return self.net(x, positions, routing, None, False, mask=allowed)
+        return _forward(self.net, x, positions, routing, None, False, mask=allowed)
 
     def run_naive(self):
         """The whole sequence in one dense float64 pass with the explicit mask."""

@@ -3,7 +3,7 @@
 - The sampler's cost: decoder passes are counted by wrapping `model.net.forward`, per CFG setting
   (BAGEL_REFERENCE §5.5: no CFG pass outside the window or with a scale <= 1; the image branch of plain
   text-to-image is the conditional history, so its pass is reused).
-- Fast path == plain path: `tasks.denoise` equals a plain loop written here that runs every branch at every
+- Fast path == plain path: `engine.denoise` equals a plain loop written here that runs every branch at every
   step, and reusing the conditional pass equals recomputing it on an equal but distinct history.
 - Every task runs and extends the context as the official inferencer would (§5.3), seeds and latents
   behave, bad inputs fail with a message, and an exception raised in the callback stops a task.
@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from bagel_model import tasks
-from bagel_model.context import Context, History, Query, image_routing, latent_positions, run_query
-from bagel_model.images import unpatchify_latent
+from bagel_model import engine, tasks
+from bagel_model.context import Context, History
+from bagel_model.images import flattened_position_ids, unpatchify_latent
+from bagel_model.layers.decoder import Routing
 from bagel_model.sampling import FlowSettings, cfg_active, combine_cfg, schedule
 from bagel_model.tasks import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, TextSettings
 
@@ -111,7 +112,7 @@ def six(**kwargs) -> FlowSettings:
 def test_denoise_pass_count(tiny_model, t2i_ctx, edit_ctx, count_passes, which, settings, expected, batch):
     ctx = t2i_ctx if which == "t2i" else edit_ctx
     settings = replace(settings, batch_cfg=batch)
-    _, passes = tasks.denoise(tiny_model, ctx, 64, 64, settings, _noise(tiny_model))
+    _, passes = engine.denoise(tiny_model, ctx, 64, 64, settings, _noise(tiny_model))
     assert passes == expected  # branch passes: the work, batched or not
     assert sum(count_passes) == expected * (16 + 2)  # every pass is the image query, nothing else runs
     if batch:
@@ -131,15 +132,15 @@ def test_generate_image_passes(tiny_model, count_passes):
 def test_step_cache_runs_the_network_on_every_kth_step(tiny_model, t2i_ctx, count_passes, k, evaluated_steps):
     """Steps 0 and 1 seed the extrapolation; afterwards only multiples of k run the network (5 steps)."""
     settings = six(cfg_text_scale=1.0, step_cache=k)
-    _, passes = tasks.denoise(tiny_model, t2i_ctx, 64, 64, settings, _noise(tiny_model))
+    _, passes = engine.denoise(tiny_model, t2i_ctx, 64, 64, settings, _noise(tiny_model))
     assert passes == len(count_passes) == len(evaluated_steps)
 
 
 def test_step_cache_stays_close_to_the_full_sampler(tiny_model, edit_ctx):
     noise = _noise(tiny_model, seed=2)
     settings = FlowSettings(num_steps=12, cfg_img_scale=2.0)
-    full, full_passes = tasks.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
-    cached, cached_passes = tasks.denoise(
+    full, full_passes = engine.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    cached, cached_passes = engine.denoise(
         tiny_model, edit_ctx, 64, 64, FlowSettings(**{**vars(settings), "step_cache": 2}), noise
     )
     assert cached_passes <= 0.66 * full_passes  # 7 of 11 steps evaluated
@@ -152,20 +153,21 @@ def _plain_denoise(model, ctx, height, width, settings, noise):
     h, w = height // 16, width // 16
     m = model.tokenizer.markers
     start, end = model.net.embed_text(torch.tensor([m.start_of_image, m.end_of_image])).split(1)
+    is_gen = torch.tensor([False] + [True] * (h * w) + [False])
     x = noise.clone()
     times, steps = schedule(settings.num_steps, settings.timestep_shift)
     for t, dt in zip(times, steps, strict=True):
-        inner = model.net.embed_latents(x, torch.tensor(t), latent_positions(model, h, w))
-        query = Query(
-            torch.cat([start, inner, end]),
-            torch.zeros(h * w + 2, dtype=torch.long),
-            image_routing(h * w, x.device),
-            causal=False,
-        )
-        v, v_text, v_img = (
-            model.net.velocity(run_query(model, hist, query)[0][1:-1])
-            for hist in (ctx.cond, ctx.uncond_text, ctx.uncond_img)
-        )
+        pos = flattened_position_ids(h, w, model.config.max_latent_size)
+        inner = model.net.embed_latents(x, torch.tensor(t), pos)
+        embeds = torch.cat([start, inner, end])
+
+        def velocity(hist, embeds=embeds):
+            cache = model.net.new_cache(h * w + 2, hist.kvs())
+            positions = torch.full((h * w + 2,), hist.rope)
+            hidden = model.net(embeds, positions, Routing.from_mask(is_gen), [cache], False)
+            return model.net.velocity(hidden[1:-1])
+
+        v, v_text, v_img = (velocity(hist) for hist in (ctx.cond, ctx.uncond_text, ctx.uncond_img))
         if cfg_active(t, settings.cfg_interval):
             v = combine_cfg(
                 v,
@@ -186,11 +188,11 @@ def _plain_denoise(model, ctx, height, width, settings, noise):
 def test_denoise_equals_plain_loop(tiny_model, edit_ctx, renorm, batch):
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0, renorm_type=renorm, batch_cfg=batch)
     noise = _noise(tiny_model, seed=1)
-    fast, _ = tasks.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    fast, _ = engine.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
     plain = _plain_denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     # the guidance acts: without it the result differs
-    unguided, _ = tasks.denoise(tiny_model, edit_ctx, 64, 64, six(cfg_text_scale=1.0), noise)
+    unguided, _ = engine.denoise(tiny_model, edit_ctx, 64, 64, six(cfg_text_scale=1.0), noise)
     assert (fast - unguided).abs().max() > 1e-3
 
 
@@ -203,15 +205,15 @@ def test_reused_image_branch_equals_recomputed(tiny_model, t2i_ctx):
     forced = Context(tiny_model, t2i_ctx.cond, t2i_ctx.uncond_text, twin)
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0)
     noise = _noise(tiny_model, seed=2)
-    reused, n_reused = tasks.denoise(tiny_model, t2i_ctx, 64, 64, settings, noise)
-    recomputed, n_recomputed = tasks.denoise(tiny_model, forced, 64, 64, settings, noise)
+    reused, n_reused = engine.denoise(tiny_model, t2i_ctx, 64, 64, settings, noise)
+    recomputed, n_recomputed = engine.denoise(tiny_model, forced, 64, 64, settings, noise)
     assert (n_reused, n_recomputed) == (5 + 3, 5 + 2 * 3)
     torch.testing.assert_close(reused, recomputed, atol=1e-6, rtol=1e-6)
 
 
 def test_denoise_callback_reports_each_step(tiny_model, t2i_ctx):
     seen = []
-    x, _ = tasks.denoise(
+    x, _ = engine.denoise(
         tiny_model, t2i_ctx, 64, 64, T2I, _noise(tiny_model), callback=lambda i, n, p: seen.append((i, n, p))
     )
     assert [(i, n) for i, n, _ in seen] == [(1, 2), (2, 2)]
@@ -289,19 +291,19 @@ def test_think_then_generate(tiny_model):
 
 def test_generate_text_sampling_is_seeded(tiny_model):
     history = Context.empty(tiny_model).append_text(Q).cond
-    before = history.kv().k.clone()
+    before = history.segments[0].kv.k.clone()
     sampled = TextSettings(max_new_tokens=6, do_sample=True, temperature=1.5)
-    runs = [tasks.generate_text(tiny_model, history, sampled, seed=s) for s in (0, 0, 1, 2, 3)]
+    runs = [engine.decode_text(tiny_model, history, sampled, seed=s) for s in (0, 0, 1, 2, 3)]
     assert runs[0] == runs[1]
     assert len(set(runs)) > 2
-    assert torch.equal(history.kv().k, before)  # decoding never writes into the history
+    assert torch.equal(history.segments[0].kv.k, before)  # decoding never writes into the history
 
 
 def test_generate_text_one_pass_per_token(tiny_model, count_passes):
     history = Context.empty(tiny_model).append_text(Q).cond
     count_passes.clear()
     tokens = []
-    tasks.generate_text(tiny_model, history, SHORT, callback=lambda i, n, t: tokens.append(i))
+    engine.decode_text(tiny_model, history, SHORT, callback=lambda i, n, t: tokens.append(i))
     stopped_early = len(tokens) < SHORT.max_new_tokens
     assert len(count_passes) == len(tokens) + stopped_early
     assert set(count_passes) == {1}
@@ -338,7 +340,7 @@ def test_generate_image_latents_override_seed(tiny_model):
     seeded, _ = tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings, seed=0)
     assert seeded.size == (96, 64)
     # the seed's noise, handed over in the official latent layout [z, H/8, W/8], gives the same image
-    noise = tasks.initial_noise(tiny_model, 64, 96, 0, None)
+    noise = engine.initial_noise(tiny_model, 64, 96, 0, None)
     latents = unpatchify_latent(noise, 4, 6, 2, tiny_model.config.latent_channels)
     assert latents.shape == (16, 8, 12)
     same, _ = tasks.generate_image(
@@ -464,7 +466,7 @@ def _stop_at(step):
 
 def test_callback_exception_stops_generation(tiny_model, t2i_ctx, count_passes):
     segments, histories = t2i_ctx.cond.segments, (t2i_ctx.cond, t2i_ctx.uncond_text, t2i_ctx.uncond_img)
-    k_before = t2i_ctx.cond.kv().k.clone()
+    k_before = t2i_ctx.cond.segments[0].kv.k.clone()
     settings = six(cfg_text_scale=1.0)
     callback, seen = _stop_at(2)
     with pytest.raises(Interrupted):
@@ -474,7 +476,7 @@ def test_callback_exception_stops_generation(tiny_model, t2i_ctx, count_passes):
     # the input context is untouched and still works
     assert t2i_ctx.cond.segments is segments
     assert (t2i_ctx.cond, t2i_ctx.uncond_text, t2i_ctx.uncond_img) == histories
-    assert torch.equal(t2i_ctx.cond.kv().k, k_before)
+    assert torch.equal(t2i_ctx.cond.segments[0].kv.k, k_before)
     after, _ = tasks.generate_image(tiny_model, None, context=t2i_ctx, settings=settings)
     fresh, _ = tasks.generate_image(tiny_model, P, settings=settings)
     assert np.array_equal(_pixels(after), _pixels(fresh))

@@ -4,13 +4,13 @@ Routing is hard and decided by the caller per token: text, image markers and ViT
 understanding weights (`q_proj`, `mlp`, ...); VAE latent tokens use the generation copies (`q_proj_moe_gen`,
 `mlp_moe_gen`, ...). The K/V a token contributes are its own expert's, and one softmax spans all tokens.
 
-The KV cache is a value passed in and returned, never stored on a module: contexts branch in a ComfyUI
-graph, so modules must stay stateless. Attribute names mirror the official checkpoint keys.
+The KV cache (`KVCache`) is a value passed in by the caller, never stored on a module: contexts branch in a
+ComfyUI graph, so modules must stay stateless. Attribute names mirror the official checkpoint keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,17 @@ class Routing:
         if not bool(is_gen.any()):
             return Routing()
         return Routing(und_idx=(~is_gen).nonzero().squeeze(1), gen_idx=is_gen.nonzero().squeeze(1))
+
+    def repeat(self, copies: int, length: int) -> Routing:
+        """The routing of `copies` queries of `length` tokens one after another (batched CFG branches);
+        index arithmetic only, so no device sync."""
+        if self.gen_idx is None or copies == 1:
+            return self
+        shifts = [j * length for j in range(copies)]
+        return Routing(
+            und_idx=torch.cat([self.und_idx + s for s in shifts]),
+            gen_idx=torch.cat([self.gen_idx + s for s in shifts]),
+        )
 
     def apply(self, und: Callable, gen: Callable, x: torch.Tensor) -> torch.Tensor:
         """Run `und` on the understanding tokens and `gen` on the generation tokens of x (n, ...)."""
@@ -61,41 +72,57 @@ class KV:
 
 
 @dataclass(frozen=True)
-class KVWorkspace:
-    """A prefix's K/V with room for the query at the tail: (layers, n_past + n_query, h_kv, d).
+class KVCache:
+    """What a decoder pass attends to: per layer, a prefix's keys and values followed by room for the
+    query, `k[i]`, `v[i]` of shape (n_past + n_query, h_kv, d).
 
-    A forward writes its query's K/V into the tail in place and attends over the whole buffer, so a loop
-    that runs many queries after one prefix (denoising steps, decoded tokens) copies the prefix once, not
-    once per pass and layer."""
+    A pass writes its query's K/V into the room in place and attends over the whole buffer, so a loop that
+    runs many queries after one prefix (denoising steps, decoded tokens) copies the prefix once, not once
+    per pass and layer. No history is a cache with `n_past = 0`; the CFG branches of a batched denoising
+    step are several caches side by side, one per equal part of the query. Buffers are per layer (not one
+    (layers, ...) tensor) so that training, which runs through the same path, never writes into a tensor
+    that an earlier layer saved for its backward pass."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
     n_past: int
 
     @staticmethod
-    def around(past: KV, n_query: int) -> KVWorkspace:
-        """A fresh buffer holding `past` followed by `n_query` rows to be written."""
-        layers, n_past, heads, dim = past.k.shape
-        shape = (layers, n_past + n_query, heads, dim)
-        k, v = past.k.new_empty(shape), past.v.new_empty(shape)
-        k[:, :n_past], v[:, :n_past] = past.k, past.v
-        return KVWorkspace(k, v, n_past)
+    def allocate(
+        prefix: Sequence[KV], n_query: int, like: torch.Tensor, shape: tuple[int, int, int]
+    ) -> KVCache:
+        """A fresh cache holding the segments of `prefix` in order, then `n_query` rows of room.
 
-    @staticmethod
-    def empty(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> KVWorkspace:
-        """A buffer (layers, n_query, h_kv, d) for a query with no prefix (an empty CFG history)."""
-        return KVWorkspace(
-            torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device), 0
+        `shape` is (layers, h_kv, d); `like` gives the dtype and device (used when the prefix is empty)."""
+        layers, heads, dim = shape
+        n_past = sum(p.length for p in prefix)
+        ks, vs = [], []
+        for i in range(layers):
+            k = like.new_empty((n_past + n_query, heads, dim))
+            v = like.new_empty((n_past + n_query, heads, dim))
+            start = 0
+            for p in prefix:
+                k[start : start + p.length], v[start : start + p.length] = p.k[i], p.v[i]
+                start += p.length
+            ks.append(k)
+            vs.append(v)
+        return KVCache(tuple(ks), tuple(vs), n_past)
+
+    @property
+    def n_query(self) -> int:
+        return self.k[0].shape[0] - self.n_past
+
+    def narrow(self, n_past: int, n_query: int) -> KVCache:
+        """A view of the first `n_past + n_query` rows whose last `n_query` are the room: token decoding
+        runs each step on a longer view of one buffer sized for the whole answer."""
+        end = n_past + n_query
+        return KVCache(tuple(k[:end] for k in self.k), tuple(v[:end] for v in self.v), n_past)
+
+    def new_kv(self) -> KV:
+        """The query's K/V as written by the last pass, as one compact copy (a context segment)."""
+        return KV(
+            torch.stack([k[self.n_past :] for k in self.k]), torch.stack([v[self.n_past :] for v in self.v])
         )
-
-    def tail(self) -> KV:
-        """The query's K/V, as written by the last forward (views, not copies)."""
-        return KV(self.k[:, self.n_past :], self.v[:, self.n_past :])
-
-
-Workspaces = tuple[KVWorkspace, ...]
-"""Equal-length queries side by side, each after its own prefix: the CFG branches of one denoising step
-run as one forward (one pass over the weights, larger matmuls); only attention is done per branch."""
 
 
 class RMSNorm(nn.Module):
@@ -157,36 +184,27 @@ class MoTAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # (n, hidden)
+        x: torch.Tensor,  # (n, hidden): len(caches) equal parts, part j placed after cache j's prefix
         positions: torch.Tensor,  # (n,) rope ids
         routing: Routing,
-        past: tuple[torch.Tensor, torch.Tensor] | None,  # (n_past, h_kv, d) each
+        caches: Sequence[tuple[torch.Tensor, torch.Tensor]],  # this layer's (k, v) buffer of each cache
         causal: bool,
         backend: Backend,
         mask: torch.Tensor | None = None,
-        tails: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (output (n, hidden), k (n, h_kv, d), v (n, h_kv, d)) for the new tokens.
-
-        With `tails` (one K/V buffer per equal part of the query, each with room for its part at the end)
-        the parts' K/V are written there in place and each part attends over its own buffer; `past` is
-        then unused."""
+    ) -> torch.Tensor:
+        """Write each part's K/V into its cache's room and attend over that cache; returns (n, hidden)."""
         qkv = routing.apply(self._qkv(""), self._qkv("_moe_gen"), x)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if tails is not None:
-            n = x.shape[0] // len(tails)
-            outs = []
-            for j, (keys, values) in enumerate(tails):
-                part = slice(j * n, (j + 1) * n)
-                keys[-n:], values[-n:] = k[part], v[part]
-                outs.append(attention(q[part], keys, values, causal=causal, backend=backend, mask=mask))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        else:
-            keys, values = (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
-            out = attention(q, keys, values, causal=causal, backend=backend, mask=mask)
-        return routing.apply(self.o_proj, self.o_proj_moe_gen, out.reshape(x.shape[0], -1)), k, v
+        n = x.shape[0] // len(caches)
+        outs = []
+        for j, (keys, values) in enumerate(caches):
+            part = slice(j * n, (j + 1) * n)
+            keys[-n:], values[-n:] = k[part], v[part]
+            outs.append(attention(q[part], keys, values, causal=causal, backend=backend, mask=mask))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return routing.apply(self.o_proj, self.o_proj_moe_gen, out.reshape(x.shape[0], -1))
 
 
 class MoTDecoderLayer(nn.Module):
@@ -200,18 +218,15 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self, x, positions, routing: Routing, past, causal: bool, backend: Backend, mask=None, tails=None
-    ):
+    def forward(self, x, positions, routing: Routing, caches, causal: bool, backend: Backend, mask=None):
         h = routing.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
-        attn, k, v = self.self_attn(h, positions, routing, past, causal, backend, mask, tails)
-        x = x + attn
+        x = x + self.self_attn(h, positions, routing, caches, causal, backend, mask)
         h = routing.apply(
             lambda t: self.mlp(self.post_attention_layernorm(t)),
             lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)),
             x,
         )
-        return x + h, k, v
+        return x + h
 
 
 class MoTDecoder(nn.Module):
@@ -229,33 +244,25 @@ class MoTDecoder(nn.Module):
         x: torch.Tensor,  # (n, hidden) input embeddings
         positions: torch.Tensor,
         routing: Routing,
-        past: KV | KVWorkspace | Workspaces | None,
+        caches: Sequence[KVCache],
         causal: bool,
         backend: Backend = "auto",
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KV | tuple[KV, ...]]:
-        """Run all layers; returns the final-norm hidden states and the new tokens' K/V (per part, for
-        `Workspaces`: x then holds the parts one after another, each as long as its workspace's query).
+    ) -> torch.Tensor:
+        """Run all layers over a query of len(caches) equal parts, part j after cache j's prefix; returns
+        the final-norm hidden states. The parts' K/V are left in the caches' room (`KVCache.new_kv`).
 
         `mask` (n, n_past + n) bool overrides `causal` (see `attention`)."""
-        parts = (past,) if isinstance(past, KVWorkspace) else past if isinstance(past, tuple) else None
-        if parts is not None and mask is not None and len(parts) > 1:
+        if x.shape[0] % len(caches) or any(c.n_query != x.shape[0] // len(caches) for c in caches):
+            raise ValueError(
+                f"a query of {x.shape[0]} tokens does not fill caches with room for "
+                f"{[c.n_query for c in caches]}"
+            )
+        if mask is not None and len(caches) > 1:
             raise ValueError("a mask applies to one query; run masked queries one at a time")
-        if isinstance(past, KV) and past.length == 0:
-            past = None
-        ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            tails = None if parts is None else [(w.k[i], w.v[i]) for w in parts]
-            layer_past = None if past is None or parts is not None else (past.k[i], past.v[i])
-            x, k, v = layer(x, positions, routing, layer_past, causal, backend, mask, tails)
-            ks.append(k)
-            vs.append(v)
-        x = routing.apply(self.norm, self.norm_moe_gen, x)
-        if isinstance(past, KVWorkspace):
-            return x, past.tail()
-        if parts is not None:
-            return x, tuple(w.tail() for w in parts)
-        return x, KV(torch.stack(ks), torch.stack(vs))
+            x = layer(x, positions, routing, [(c.k[i], c.v[i]) for c in caches], causal, backend, mask)
+        return routing.apply(self.norm, self.norm_moe_gen, x)
 
 
 class LanguageModel(nn.Module):
