@@ -111,9 +111,18 @@ def decode_text(
             callback(step + 1, budget, model.tokenizer.decode(ids[1:]))
     if stop is None:
         stop = STOP_BUDGET if budget == settings.max_new_tokens else STOP_WINDOW
-    # Decode as the official inferencer does: the whole run, then the text after <|im_start|>.
-    text = model.tokenizer.decode(ids)
-    return Answer(text.split("<|im_end|>")[0].split("<|im_start|>")[1], stop)
+    text = _text_of(model, ids)
+    # The answer joins the context re-tokenized, as officially; text that re-tokenizes longer than it was
+    # decoded (rare, odd token runs) is cut further so that it still fits the window.
+    while len(model.tokenizer.segment(text)) > room + 2 and len(ids) > 1:
+        ids.pop()
+        text, stop = _text_of(model, ids), STOP_WINDOW
+    return Answer(text, stop)
+
+
+def _text_of(model: BagelModel, ids: list[int]) -> str:
+    """Decode as the official inferencer does: the whole run, then the text after <|im_start|>."""
+    return model.tokenizer.decode(ids).split("<|im_end|>")[0].split("<|im_start|>")[1]
 
 
 # -- images ----------------------------------------------------------------------------------------

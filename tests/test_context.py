@@ -326,3 +326,20 @@ def test_prompt_too_long(tiny_model):
     long = "a red circle at the top left, a blue square at the center. " * 800
     with pytest.raises(ContextError, match="window of 4096; start a new context or shorten the prompt"):
         ctx.append_text(long)
+
+
+def test_the_loaders_attention_choice_reaches_the_vit(tiny_dir, picture, monkeypatch):
+    """`load(attention=...)` sets the backend of every attention call, the ViT's included."""
+    from bagel_model.layers import vit
+
+    model = bagel_model.load(tiny_dir, attention="sdpa")
+    seen = []
+
+    def recording(*args, backend, **kwargs):
+        seen.append(backend)
+        return original(*args, backend=backend, **kwargs)
+
+    original = vit.attention
+    monkeypatch.setattr(vit, "attention", recording)
+    Context.empty(model).append_image(picture, vae=False, vit=True)
+    assert seen and set(seen) == {"sdpa"}

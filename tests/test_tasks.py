@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from bagel_model import engine, tasks
-from bagel_model.context import Context, History
+from bagel_model.context import Context, ContextError, History
 from bagel_model.images import flattened_position_ids, unpatchify_latent
 from bagel_model.layers.decoder import Routing
 from bagel_model.sampling import FlowSettings, cfg_active, combine_cfg, schedule
@@ -516,3 +516,38 @@ def test_append_result_false_returns_the_context_the_image_came_from(tiny_model,
     assert np.array_equal(_pixels(image), _pixels(kept))
     assert _kinds(same.cond) == ["text"] and _kinds(ctx.cond) == ["text", "vae", "vit"]
     assert len(count_passes) == 1 + 5  # the prompt and the steps; no encoding of the result
+
+
+# -- the position window ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def narrow_model(tiny_model):
+    """The tiny model's weights behind a 40-position RoPE window."""
+    llm = replace(tiny_model.config.llm, max_position_embeddings=40)
+    return replace(tiny_model, config=replace(tiny_model.config, llm=llm))
+
+
+def test_decoding_stops_where_the_window_ends(narrow_model):
+    """An answer longer than the window leaves is cut where it still joins the context, and says so."""
+    question = "what color is the circle?"
+    ctx = Context.empty(narrow_model).append_text(question)
+    room = engine.answer_room(narrow_model, ctx.cond)
+    assert 0 < room < 200
+    answer, out = tasks.understand(narrow_model, question, settings=TextSettings(max_new_tokens=200))
+    assert answer.stop == engine.STOP_WINDOW
+    assert len(narrow_model.tokenizer.encode(answer)) <= room
+    assert out.cond.rope <= 40 and out.cond.segments[-1].text == answer
+    # A budget inside the window is reported as such.
+    short, _ = tasks.understand(narrow_model, question, settings=TextSettings(max_new_tokens=3))
+    assert short.stop == engine.STOP_BUDGET and answer.startswith(short)
+
+
+def test_a_full_window_leaves_no_room_to_answer(narrow_model):
+    words = ["circle"]
+    while len(narrow_model.tokenizer.segment(" ".join(words + ["circle"]))) <= 40:
+        words.append("circle")
+    ctx = Context.empty(narrow_model).append_text(" ".join(words))
+    assert engine.answer_room(narrow_model, ctx.cond) < 1
+    with pytest.raises(ContextError, match="fills the model's window of 40 positions"):
+        engine.decode_text(narrow_model, ctx.cond, SHORT)
