@@ -1,18 +1,27 @@
-"""Session fixtures shared by the test files: the shared reference folder, the official tiny checkpoint,
-and a tiny random checkpoint of ours, each loaded once per session (float32 on CPU).
+"""Fixtures shared by the test files: the shared reference folder and what it holds (the official tiny
+checkpoint, its input image, the official key tables), a checkout of the official code, a tiny random
+checkpoint of ours, each model loaded once per session (float32 on CPU), a test picture and a pixel reader.
 
-The shared folder is $BAGEL_SHARED_DIR, or `shared/` beside the repository root; tests that need it are
-skipped with the reason when it is absent. The loaded models are shared by every test of the session:
-a test that changes weights must work on a copy (`copy.deepcopy(model.net)`).
+The shared folder is $BAGEL_SHARED_DIR, or `shared/` beside the repository root; the official checkout is
+$BAGEL_OFFICIAL_DIR. Tests that need either are skipped with the reason when it is absent. The loaded
+models are shared by every test of the session: a test that changes weights must work on a copy
+(`copy.deepcopy(model.net)`).
+
+Helpers are fixtures, not imports: tests/comfyui/ has a conftest of its own, so `from conftest import`
+would find whichever of the two was imported last.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 import bagel_model
 from bagel_model.model import BagelModel
@@ -30,6 +39,10 @@ def _need(path: Path) -> Path:
     return path
 
 
+def _key_table(path: Path) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in json.loads(_need(path).read_text())["tensors"].items()}
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared reference directory ($BAGEL_SHARED_DIR, default `../shared` next to the repo)."""
@@ -40,6 +53,35 @@ def shared_dir() -> Path:
 def official_tiny(shared_dir: Path) -> Path:
     """A tiny random checkpoint written by the official BAGEL code (`reference/official_tiny/model`)."""
     return _need(shared_dir / "reference" / "official_tiny" / "model")
+
+
+@pytest.fixture(scope="session")
+def input_png(official_tiny: Path) -> Path:
+    """The official tiny reference's input image (200x150), the one its recorded outputs were made from."""
+    return _need(official_tiny.parent / "ref" / "input.png")
+
+
+@pytest.fixture(scope="session")
+def official_7b_keys(shared_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the released BAGEL-7B-MoT `ema.safetensors`: name -> shape."""
+    return _key_table(shared_dir / "reference" / "bagel_ema_keys.json")
+
+
+@pytest.fixture(scope="session")
+def official_ae_keys(shared_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the released `ae.safetensors` (the FLUX autoencoder): name -> shape."""
+    return _key_table(shared_dir / "reference" / "bagel_ae_keys.json")
+
+
+@pytest.fixture(scope="session")
+def official_dir() -> Path:
+    """A checkout of the official BAGEL repository ($BAGEL_OFFICIAL_DIR), for in-process comparisons."""
+    root = os.environ.get("BAGEL_OFFICIAL_DIR")
+    if not root:
+        pytest.skip("BAGEL_OFFICIAL_DIR is not set (a checkout of the official BAGEL repo)")
+    if not (Path(root) / "modeling").is_dir():
+        pytest.skip(f"BAGEL_OFFICIAL_DIR {root} is not a checkout of the official BAGEL repo (no modeling/)")
+    return Path(root)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +98,26 @@ def tiny_model(tiny_dir: Path) -> BagelModel:
 @pytest.fixture(scope="session")
 def official_model(official_tiny: Path) -> BagelModel:
     return bagel_model.load(official_tiny)
+
+
+@pytest.fixture(scope="session")
+def picture() -> Image.Image:
+    """A 64x64 test picture: a red circle at the top left and a blue rectangle right of center."""
+    im = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(im)
+    draw.ellipse((4, 4, 28, 28), fill="red")
+    draw.rectangle((30, 30, 56, 50), fill="blue")
+    return im
+
+
+def _pixels(image: Image.Image | Path | str) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+    with Image.open(image) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="session")
+def pixels() -> Callable[[Image.Image | Path | str], np.ndarray]:
+    """Reads an image, or an image file, as an (h, w, 3) int16 array (differences of two can be negative)."""
+    return _pixels

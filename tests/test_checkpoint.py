@@ -35,14 +35,6 @@ LAYER_KEY = re.compile(
 )
 
 
-@pytest.fixture(scope="module")
-def official_7b_keys(shared_dir: Path) -> dict[str, tuple[int, ...]]:
-    path = shared_dir / "reference" / "bagel_ema_keys.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set BAGEL_SHARED_DIR to the shared reference directory)")
-    return {k: tuple(v) for k, v in json.loads(path.read_text())["tensors"].items()}
-
-
 def _layout(keys) -> tuple[dict[str, dict[int, frozenset[str]]], frozenset[str]]:
     """Split tensor names into {layer stack: {index: suffixes}} and the set of non-layer names."""
     stacks: dict[str, dict[int, set[str]]] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 
 from bagel_model import cli, tasks
@@ -39,19 +39,10 @@ def _json(capsys, *argv) -> dict:
     return json.loads(out)
 
 
-def _pixels(path_or_image) -> np.ndarray:
-    if isinstance(path_or_image, Image.Image):
-        return np.asarray(path_or_image, dtype=np.int16)
-    with Image.open(path_or_image) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
-
-
 @pytest.fixture(scope="module")
-def picture_file(tmp_path_factory) -> Path:
+def picture_file(tmp_path_factory, picture) -> Path:
     path = tmp_path_factory.mktemp("cli_inputs") / "shapes.png"
-    im = Image.new("RGB", (64, 64), "white")
-    ImageDraw.Draw(im).ellipse((4, 4, 28, 28), fill="red")
-    im.save(path)
+    picture.save(path)
     return path
 
 
@@ -93,7 +84,7 @@ def test_understand(capsys, tiny_dir, tiny_model, picture_file):
     assert rc == 0 and text.startswith("text: ")
 
 
-def test_generate(capsys, tmp_path, tiny_dir, tiny_model):
+def test_generate(capsys, tmp_path, tiny_dir, tiny_model, pixels):
     path = tmp_path / "sub" / "t2i.png"
     out = _json(
         capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 64, "--height", 64,
@@ -106,10 +97,10 @@ def test_generate(capsys, tmp_path, tiny_dir, tiny_model):
     expected, _ = tasks.generate_image(
         tiny_model, P, height=64, width=64, settings=FlowSettings(num_steps=3), seed=2
     )
-    assert np.array_equal(_pixels(path), _pixels(expected))
+    assert np.array_equal(pixels(path), pixels(expected))
 
 
-def test_generate_options_reach_the_sampler(capsys, tmp_path, tiny_dir, tiny_model):
+def test_generate_options_reach_the_sampler(capsys, tmp_path, tiny_dir, tiny_model, pixels):
     path = tmp_path / "t2i.png"
     _json(
         capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 96, "--height", 64,
@@ -118,10 +109,10 @@ def test_generate_options_reach_the_sampler(capsys, tmp_path, tiny_dir, tiny_mod
     )  # fmt: skip
     settings = FlowSettings(3, 3.0, 1.5, (0.0, 1.0), 2.0, "channel", 0.1)
     expected, _ = tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings)
-    assert np.array_equal(_pixels(path), _pixels(expected))
+    assert np.array_equal(pixels(path), pixels(expected))
 
 
-def test_generate_with_latents(capsys, tmp_path, tiny_dir, tiny_model):
+def test_generate_with_latents(capsys, tmp_path, tiny_dir, tiny_model, pixels):
     latents = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(9))
     save_file({"latents": latents}, str(tmp_path / "noise.safetensors"))
     path = tmp_path / "t2i.png"
@@ -132,11 +123,11 @@ def test_generate_with_latents(capsys, tmp_path, tiny_dir, tiny_model):
     settings = FlowSettings(num_steps=3)
     expected, _ = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, latents=latents)
     seeded, _ = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, seed=0)
-    assert np.array_equal(_pixels(path), _pixels(expected))
-    assert not np.array_equal(_pixels(path), _pixels(seeded))
+    assert np.array_equal(pixels(path), pixels(expected))
+    assert not np.array_equal(pixels(path), pixels(seeded))
 
 
-def test_generate_think(capsys, tmp_path, tiny_dir, tiny_model):
+def test_generate_think(capsys, tmp_path, tiny_dir, tiny_model, pixels):
     path = tmp_path / "think.png"
     out = _json(
         capsys, "generate", "--model", tiny_dir, "--prompt", P, "--out", path, "--width", 64, "--height", 64,
@@ -145,10 +136,10 @@ def test_generate_think(capsys, tmp_path, tiny_dir, tiny_model):
     thought, ctx = tasks.think(tiny_model, P, settings=tasks.TextSettings(4))
     assert out["thought"] == thought and thought.strip()
     expected, _ = tasks.generate_image(tiny_model, None, context=ctx, settings=FlowSettings(num_steps=3))
-    assert np.array_equal(_pixels(path), _pixels(expected))
+    assert np.array_equal(pixels(path), pixels(expected))
 
 
-def test_edit(capsys, tmp_path, tiny_dir, tiny_model, picture_file):
+def test_edit(capsys, tmp_path, tiny_dir, tiny_model, picture_file, pixels):
     path = tmp_path / "edit.png"
     out = _json(
         capsys, "edit", "--model", tiny_dir, "--image", picture_file, "--prompt", "make the circle green",
@@ -160,7 +151,7 @@ def test_edit(capsys, tmp_path, tiny_dir, tiny_model, picture_file):
     settings = FlowSettings(**{**vars(EDIT_SETTINGS), "num_steps": 3})
     expected, _ = tasks.edit_image(tiny_model, source, "make the circle green", settings=settings)
     assert expected.size == (64, 64)
-    assert np.array_equal(_pixels(path), _pixels(expected))
+    assert np.array_equal(pixels(path), pixels(expected))
 
 
 def test_demo_runs_every_task_on_the_bundled_model(capsys, tmp_path):

@@ -6,7 +6,6 @@ A comparison with torchvision's resize (what the official code calls) runs only 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,6 @@ from PIL import Image
 
 from bagel_model import images
 from bagel_model.config import ImageLimits
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BAGEL_SHARED_DIR", REPO.parent / "shared"))
-INPUT_PNG = SHARED / "reference" / "official_tiny" / "ref" / "input.png"
 
 VAE = ImageLimits(1024, 512, 16)  # app / notebook
 VIT = ImageLimits(980, 224, 14)  # app / notebook
@@ -185,11 +180,8 @@ def _torchvision_functional():
     return tf, InterpolationMode
 
 
-def test_matches_torchvision_resize_and_to_tensor():
+def _assert_matches_torchvision(sources: list[Image.Image]) -> None:
     tf, mode = _torchvision_functional()
-    sources = [_noise_image(301, 173), _noise_image(1700, 1100, seed=1)]
-    if INPUT_PNG.exists():
-        sources.append(Image.open(INPUT_PNG).convert("RGB"))
     for image in sources:
         for limits in (VAE, VIT, VIT_EVAL):
             w, h = images.resize_dims(image.width, image.height, limits)
@@ -198,3 +190,12 @@ def test_matches_torchvision_resize_and_to_tensor():
             assert np.array_equal(np.asarray(ours), np.asarray(expected))
             reference = tf.normalize(tf.to_tensor(expected), [0.5] * 3, [0.5] * 3)
             assert torch.equal(images.to_tensor(ours), reference)
+
+
+def test_matches_torchvision_resize_and_to_tensor():
+    _assert_matches_torchvision([_noise_image(301, 173), _noise_image(1700, 1100, seed=1)])
+
+
+def test_matches_torchvision_on_the_reference_input(input_png: Path):
+    with Image.open(input_png) as im:
+        _assert_matches_torchvision([im.convert("RGB")])

@@ -33,8 +33,8 @@ def results(ref):
 
 
 @pytest.fixture(scope="module")
-def input_image(ref):
-    with Image.open(ref / "input.png") as im:
+def input_image(input_png):
+    with Image.open(input_png) as im:
         return im.convert("RGB")
 
 
@@ -54,10 +54,8 @@ def _latents(ref, name):
     return load_file(str(ref / f"{name}_latents.safetensors"))["latents"]
 
 
-def _assert_image_close(out: Image.Image, ref_path, tol: int = 2) -> None:
-    with Image.open(ref_path) as im:
-        expected = np.asarray(im.convert("RGB"), dtype=np.int16)
-    got = np.asarray(out.convert("RGB"), dtype=np.int16)
+def _assert_image_close(pixels, out: Image.Image, ref_path, tol: int = 2) -> None:
+    expected, got = pixels(ref_path), pixels(out)
     assert got.shape == expected.shape
     diff = np.abs(got - expected)
     assert diff.max() <= tol, f"max |diff| {diff.max()}, {np.count_nonzero(diff > tol)} pixels over {tol}"
@@ -75,7 +73,7 @@ def test_understand(official_model, results, input_image, think):
     assert answer == r["text"]
 
 
-def test_t2i(official_model, results, ref):
+def test_t2i(official_model, results, ref, pixels):
     r = results["t2i"]
     image, _ = tasks.generate_image(
         official_model,
@@ -86,20 +84,20 @@ def test_t2i(official_model, results, ref):
         latents=_latents(ref, "t2i"),
     )
     assert image.size == (r["width"], r["height"])
-    _assert_image_close(image, ref / "t2i.png")
+    _assert_image_close(pixels, image, ref / "t2i.png")
 
 
-def test_edit(official_model, results, ref, input_image):
+def test_edit(official_model, results, ref, input_image, pixels):
     r = results["edit"]
     image, _ = tasks.edit_image(
         official_model, input_image, r["prompt"], settings=_settings(r), latents=_latents(ref, "edit")
     )
     # the output size is the input's size after the official VAE resize (200x150 -> 688x512)
     assert image.size == (r["width"], r["height"])
-    _assert_image_close(image, ref / "edit.png")
+    _assert_image_close(pixels, image, ref / "edit.png")
 
 
-def test_think_t2i(official_model, results, ref):
+def test_think_t2i(official_model, results, ref, pixels):
     r = results["think_t2i"]
     thought, ctx = tasks.think(official_model, r["prompt"], settings=tasks.TextSettings(max_new_tokens=9))
     assert thought == r["thought"]
@@ -112,4 +110,4 @@ def test_think_t2i(official_model, results, ref):
         settings=_settings(r),
         latents=_latents(ref, "think_t2i"),
     )
-    _assert_image_close(image, ref / "think_t2i.png")
+    _assert_image_close(pixels, image, ref / "think_t2i.png")

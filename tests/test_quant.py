@@ -39,13 +39,13 @@ def test_fp8_layer_matches_its_dequantized_weight():
     assert 1e-4 < rel < 0.05  # really quantized, and close
 
 
-def test_fp8_model_generates_nearly_the_same_image(tiny_dir, tiny_model):
+def test_fp8_model_generates_nearly_the_same_image(tiny_dir, tiny_model, pixels):
     fp8 = bagel_model.load(tiny_dir, weights="fp8")
     assert isinstance(fp8.net.language_model.model.layers[0].mlp_moe_gen.up_proj, Fp8Linear)
     settings = FlowSettings(num_steps=4)
     a, _ = tasks.generate_image(tiny_model, "a red circle at the top", settings=settings, seed=3)
     b, _ = tasks.generate_image(fp8, "a red circle at the top", settings=settings, seed=3)
-    diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+    diff = np.abs(pixels(a) - pixels(b))
     assert diff.mean() < 2.0 and diff.max() <= 16
 
 
@@ -54,12 +54,8 @@ def test_unknown_weight_mode(tiny_dir):
         bagel_model.load(tiny_dir, weights="int3")
 
 
-def _image_delta(a, b) -> np.ndarray:
-    return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
-
-
 @pytest.mark.parametrize(("mode", "max_mean"), [("int8", 2.0), ("nf4", 12.0)])
-def test_bitsandbytes_modes_store_less_and_draw_nearly_the_same(tiny_dir, tiny_model, mode, max_mean):
+def test_bitsandbytes_modes_store_less_and_draw_nearly_the_same(tiny_dir, tiny_model, pixels, mode, max_mean):
     pytest.importorskip("bitsandbytes")
     model = bagel_model.load(tiny_dir, weights=mode)
     layer = model.net.language_model.model.layers[0].mlp_moe_gen.up_proj
@@ -70,7 +66,7 @@ def test_bitsandbytes_modes_store_less_and_draw_nearly_the_same(tiny_dir, tiny_m
     settings = FlowSettings(num_steps=4)
     a, _ = tasks.generate_image(tiny_model, "a red circle at the top", settings=settings, seed=3)
     b, _ = tasks.generate_image(model, "a red circle at the top", settings=settings, seed=3)
-    assert 0 < _image_delta(a, b).mean() < max_mean  # really quantized, and close
+    assert 0 < np.abs(pixels(a) - pixels(b)).mean() < max_mean  # really quantized, and close
     answer, _ = tasks.understand(model, "what is in the image?", image=a)  # one-token rows through the head
     assert isinstance(answer, str)
 

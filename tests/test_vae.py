@@ -9,9 +9,7 @@ of it; the pins in `test_matches_numbers_pinned_from_official` keep a cross-impl
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,17 +20,6 @@ from safetensors.torch import load_file
 from bagel_model.config import VAEConfig
 from bagel_model.layers.vae import AutoEncoder
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BAGEL_SHARED_DIR", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
-TINY = REFERENCE / "official_tiny" / "model"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not found (set BAGEL_SHARED_DIR to the shared reference directory)")
-    return path
-
 
 def _pattern(shape: tuple[int, ...], freq: float, amp: float) -> torch.Tensor:
     """A fixed, RNG-free tensor: amp * sin(freq * flat_index)."""
@@ -40,13 +27,13 @@ def _pattern(shape: tuple[int, ...], freq: float, amp: float) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg() -> VAEConfig:
-    return VAEConfig.from_json(_need(TINY / "ae_config.json"))
+def tiny_cfg(official_tiny: Path) -> VAEConfig:
+    return VAEConfig.from_json(official_tiny / "ae_config.json")
 
 
 @pytest.fixture(scope="module")
-def tiny_sd() -> dict[str, torch.Tensor]:
-    return load_file(_need(TINY / "ae.safetensors"))
+def tiny_sd(official_tiny: Path) -> dict[str, torch.Tensor]:
+    return load_file(official_tiny / "ae.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +43,11 @@ def tiny_ae(tiny_cfg, tiny_sd) -> AutoEncoder:
     return ae
 
 
-def test_default_layout_is_the_official_checkpoint():
-    table = json.loads(_need(REFERENCE / "bagel_ae_keys.json").read_text())["tensors"]
+def test_default_layout_is_the_official_checkpoint(official_ae_keys):
     with torch.device("meta"):
         ae = AutoEncoder(VAEConfig())
     shapes = {k: tuple(v.shape) for k, v in ae.state_dict().items()}
-    assert shapes == {k: tuple(v) for k, v in table.items()}
+    assert shapes == official_ae_keys
     assert len(shapes) == 244
     assert sum(p.numel() for p in ae.parameters()) == 83_819_683
     assert list(ae.buffers()) == []
@@ -192,13 +178,10 @@ def test_matches_numbers_pinned_from_official(tiny_ae):
     assert got_decode == pytest.approx(PIN_DECODE_SLICE + PIN_DECODE_STATS, rel=0, abs=1e-4)
 
 
-def _official_module():
-    root = os.environ.get("BAGEL_OFFICIAL_DIR")
-    if not root:
-        pytest.skip("BAGEL_OFFICIAL_DIR is not set (a checkout of the official BAGEL repo)")
+def _official_module(official_dir: Path):
     pytest.importorskip("einops", reason="the official autoencoder needs einops")
-    path = Path(root) / "modeling" / "autoencoder.py"
-    spec = importlib.util.spec_from_file_location("bagel_official_autoencoder", _need(path))
+    path = official_dir / "modeling" / "autoencoder.py"
+    spec = importlib.util.spec_from_file_location("bagel_official_autoencoder", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -211,14 +194,14 @@ def _official_ae(official, cfg: VAEConfig):
     return ae.eval().requires_grad_(False)
 
 
-def test_matches_official_module(tiny_ae, tiny_cfg, tiny_sd):
-    official = _official_module()
+def test_matches_official_module(tiny_ae, tiny_cfg, tiny_sd, official_dir, input_png):
+    official = _official_module(official_dir)
     image_module = pytest.importorskip("PIL.Image")
     import numpy as np
 
     ref = _official_ae(official, tiny_cfg)
     ref.load_state_dict(tiny_sd, strict=True)
-    image = image_module.open(_need(REFERENCE / "official_tiny" / "ref" / "input.png")).convert("RGB")
+    image = image_module.open(input_png).convert("RGB")
     pixels = np.array(image.resize((64, 64), image_module.BICUBIC), dtype=np.float32)
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1
     z_in = _pattern((1, 16, 6, 8), 0.37, 1.5)

@@ -9,8 +9,6 @@ of it; the pins in `test_matches_numbers_pinned_from_official` keep a cross-impl
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -25,19 +23,8 @@ from bagel_model import images
 from bagel_model.config import BAGEL_7B_MOT, ImageLimits, ViTConfig
 from bagel_model.layers.vit import SiglipVisionModel
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BAGEL_SHARED_DIR", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
-TINY = REFERENCE / "official_tiny" / "model"
-INPUT_PNG = REFERENCE / "official_tiny" / "ref" / "input.png"
 PREFIX = "vit_model."
 MAX_PER_SIDE = 70  # vit_max_num_patch_per_side of the released model and of the tiny one
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not found (set BAGEL_SHARED_DIR to the shared reference directory)")
-    return path
 
 
 def _vit_entries(state: dict) -> dict:
@@ -45,13 +32,13 @@ def _vit_entries(state: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg() -> ViTConfig:
-    return ViTConfig.from_json(_need(TINY / "vit_config.json"))
+def tiny_cfg(official_tiny: Path) -> ViTConfig:
+    return ViTConfig.from_json(official_tiny / "vit_config.json")
 
 
 @pytest.fixture(scope="module")
-def tiny_sd() -> dict[str, torch.Tensor]:
-    return _vit_entries(load_file(_need(TINY / "ema.safetensors")))
+def tiny_sd(official_tiny: Path) -> dict[str, torch.Tensor]:
+    return _vit_entries(load_file(official_tiny / "ema.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +68,8 @@ def _second_tokens(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images.patchify(x, 14), ids
 
 
-def test_7b_layout_is_the_official_checkpoint():
-    table = json.loads(_need(REFERENCE / "bagel_ema_keys.json").read_text())["tensors"]
-    expected = {k: tuple(v) for k, v in _vit_entries(table).items()}
+def test_7b_layout_is_the_official_checkpoint(official_7b_keys):
+    expected = _vit_entries(official_7b_keys)
     with torch.device("meta"):
         vit = SiglipVisionModel(BAGEL_7B_MOT.vit)
     ours = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
@@ -99,9 +85,9 @@ def test_tiny_official_weights_load_strictly(tiny_cfg, tiny_sd):
     assert tiny_cfg.num_hidden_layers == 2  # vit_config.json lists 3; the last is dropped
 
 
-def test_images_of_a_pack_do_not_see_each_other(tiny_vit):
-    a, ids_a = _input_tokens(_need(INPUT_PNG))
-    b, ids_b = _second_tokens(INPUT_PNG)
+def test_images_of_a_pack_do_not_see_each_other(tiny_vit, input_png):
+    a, ids_a = _input_tokens(input_png)
+    b, ids_b = _second_tokens(input_png)
     with torch.no_grad():
         packed = tiny_vit(torch.cat([a, b]), torch.cat([ids_a, ids_b]), [len(a), len(b)], attn_backend="sdpa")
         alone_a = tiny_vit(a, ids_a, [len(a)])
@@ -111,10 +97,10 @@ def test_images_of_a_pack_do_not_see_each_other(tiny_vit):
     assert (joint[: len(a)] - alone_a).abs().max() > 1e-3  # one sequence would mix them
 
 
-def test_bf16_runs_and_stays_close(tiny_cfg, tiny_sd):
+def test_bf16_runs_and_stays_close(tiny_cfg, tiny_sd, input_png):
     vit = SiglipVisionModel(tiny_cfg).eval()
     vit.load_state_dict(tiny_sd)
-    a, ids = _input_tokens(_need(INPUT_PNG))
+    a, ids = _input_tokens(input_png)
     with torch.no_grad():
         ref = vit(a, ids, [len(a)])
         out = vit.to(torch.bfloat16)(a, ids, [len(a)])  # fp32 patches are cast to the weights' dtype
@@ -147,8 +133,8 @@ PINNED_ROWS = {
 PINNED_SUM = 59776.1484375
 
 
-def test_matches_numbers_pinned_from_official(tiny_vit):
-    tokens, ids = _input_tokens(_need(INPUT_PNG))
+def test_matches_numbers_pinned_from_official(tiny_vit, input_png):
+    tokens, ids = _input_tokens(input_png)
     assert tokens.shape == (49 * 37, 588)  # 686x518 ViT image
     with torch.no_grad():
         out = tiny_vit(tokens, ids, [len(tokens)])
@@ -184,14 +170,10 @@ class _TorchWithoutBf16:
 
 
 @pytest.fixture
-def official(monkeypatch):
+def official(monkeypatch, official_dir):
     """(siglip_navit, data_utils) of the official checkout, imported without its package __init__s (they
     pull in flash-attn and compile flex-attention); sys.modules is restored afterwards."""
-    root = os.environ.get("BAGEL_OFFICIAL_DIR")
-    if not root:
-        pytest.skip("BAGEL_OFFICIAL_DIR is not set (a checkout of the official BAGEL repo)")
-    root = Path(root)
-    _need(root / "modeling" / "bagel" / "siglip_navit.py")
+    root = official_dir
     pytest.importorskip("transformers", reason="the official SigLIP code needs transformers")
     # transformers probes for flash_attn with find_spec: import what it needs before the stand-in exists.
     import transformers.activations  # noqa: F401
@@ -213,9 +195,9 @@ def official(monkeypatch):
         del sys.modules[name]
 
 
-def test_matches_official_module(official, tiny_vit, tiny_sd):
+def test_matches_official_module(official, tiny_vit, tiny_sd, official_tiny, input_png):
     navit, data_utils = official
-    cfg = navit.SiglipVisionConfig.from_json_file(str(TINY / "vit_config.json"))
+    cfg = navit.SiglipVisionConfig.from_json_file(str(official_tiny / "vit_config.json"))
     cfg.rope = False
     cfg.num_hidden_layers -= 1
     ref = navit.SiglipVisionModel(cfg)
@@ -224,9 +206,9 @@ def test_matches_official_module(official, tiny_vit, tiny_sd):
     ref.eval()
 
     # Our preprocessing of the tokens equals the official patchify and position ids.
-    a, ids_a = _input_tokens(_need(INPUT_PNG))
+    a, ids_a = _input_tokens(input_png)
     _, vit_image = images.prepare_context_image(
-        data_utils.pil_img2rgb(Image.open(INPUT_PNG)), ImageLimits(1024, 512, 16), ImageLimits(980, 224, 14)
+        data_utils.pil_img2rgb(Image.open(input_png)), ImageLimits(1024, 512, 16), ImageLimits(980, 224, 14)
     )
     x = images.to_tensor(vit_image)
     assert torch.equal(data_utils.patchify(x, 14), a)
@@ -234,7 +216,7 @@ def test_matches_official_module(official, tiny_vit, tiny_sd):
         data_utils.get_flattened_position_ids_extrapolate(x.shape[1], x.shape[2], 14, MAX_PER_SIDE), ids_a
     )
 
-    b, ids_b = _second_tokens(INPUT_PNG)
+    b, ids_b = _second_tokens(input_png)
     lens = [len(a), len(b)]
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
     with torch.no_grad():
