@@ -164,9 +164,23 @@ class _NoInitOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# The weight dtypes a user can name (CLI --dtype, the Loader's dtype widget), besides "auto".
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs (the released weights' dtype), fp32 on CPU (where bf16 matmuls are slow or missing)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """A dtype choice (one of DTYPE_CHOICES) as a torch dtype; "auto" is `default_dtype` of `device`."""
+    if name == "auto":
+        return default_dtype(torch.device(device))
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is unknown; choose one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
 
 
 def load(

@@ -19,12 +19,10 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from . import tasks
-from .checkpoint import load
+from .checkpoint import DTYPE_CHOICES, load, resolve_dtype
 from .model import BagelModel
 from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -71,7 +69,7 @@ def _model(args: argparse.Namespace) -> BagelModel:
     from .bundled import default_model_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     return load(args.model or default_model_dir(), device=device, dtype=dtype, weights=args.weights)
 
 
@@ -261,9 +259,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> Output:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder in the official layout (default: the bundled model)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: bf16 on GPU)"
-    )
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: bf16 on GPU)")
     p.add_argument(
         "--weights",
         default="native",

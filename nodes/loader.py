@@ -8,18 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .. import bagel_model
 from ..bagel_model import bundled
-from ..bagel_model.checkpoint import REQUIRED_FILES, default_dtype
+from ..bagel_model.checkpoint import DTYPE_CHOICES, REQUIRED_FILES, resolve_dtype
 from ..bagel_model.layers.attention import BACKENDS
 from ..bagel_model.quant import WEIGHT_MODES
 from . import comfy_bridge
 from .sockets import CATEGORY, MODEL, widget
 
 OFFICIAL_REPO = "ByteDance-Seed/BAGEL-7B-MoT"
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def local_models() -> dict[str, Path]:
@@ -88,7 +85,7 @@ class BAGELLoader:
                     default=bundled.DEFAULT_NAME,
                 ),
                 "dtype": widget(
-                    list(DTYPES),
+                    list(DTYPE_CHOICES),
                     "Weight precision. auto: bfloat16 on a GPU (the released weights), float32 on the CPU.",
                     default="auto",
                 ),
@@ -126,6 +123,6 @@ class BAGELLoader:
     ):
         folder = download(repo_id) if download_if_missing else find_model(model_name)
         compute, offload = comfy_bridge.devices()
-        dtype = DTYPES[dtype] or default_dtype(compute)
+        dtype = resolve_dtype(dtype, compute)
         model = bagel_model.load(folder, device=offload, dtype=dtype, attention=attention, weights=weights)
         return (comfy_bridge.manage(model, compute, offload),)

@@ -363,6 +363,19 @@ def test_loader_errors_name_the_fix():
             run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, attention="flash")
 
 
+def test_dtype_choices_are_one_table_for_the_loader_and_the_cli():
+    checkpoint = importlib.import_module(f"{PACK}.bagel_model.checkpoint")
+    assert NODES["BAGELLoader"].INPUT_TYPES()["required"]["dtype"][0] == list(checkpoint.DTYPE_CHOICES)
+    parser = importlib.import_module(f"{PACK}.bagel_model.cli").build_parser()
+    for name in checkpoint.DTYPE_CHOICES:
+        assert parser.parse_args(["understand", "--prompt", "x", "--dtype", name]).dtype == name
+    assert checkpoint.resolve_dtype("auto", "cpu") == torch.float32
+    assert checkpoint.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert checkpoint.resolve_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="dtype 'double' is unknown; choose one of auto, bfloat16"):
+        checkpoint.resolve_dtype("double", "cpu")
+
+
 # -- IMAGE conversion -----------------------------------------------------------------------------------
 
 
