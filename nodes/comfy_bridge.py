@@ -106,6 +106,14 @@ def manage(model: BagelModel, compute: torch.device, offload: torch.device) -> M
 # -- progress ---------------------------------------------------------------------------------------
 
 
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user cancelled the run (Cancel, `POST /interrupt`);
+    nothing outside ComfyUI. For work that is not a library task (a download): call it while waiting."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
 class Progress:
     """The library's `callback(step, total, payload)` as ComfyUI progress.
 

@@ -13,8 +13,12 @@ import importlib
 import importlib.util
 import inspect
 import json
+import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 from unittest import mock
@@ -342,17 +346,21 @@ def test_loader_lists_bundled_first_then_model_folders(tmp_path, monkeypatch):
     assert names == [lib.bundled.DEFAULT_NAME, "BAGEL-7B-MoT"]
 
 
+def no_fetch(repo_id, folder, timeout):
+    raise AssertionError(f"{repo_id} was fetched")
+
+
 def test_loader_loads_a_model_folder_and_never_downloads_one_that_is_there(tmp_path, monkeypatch):
     tiny.make_tiny(tmp_path / "tiny", seed=1)
     monkeypatch.setattr(bridge, "model_roots", lambda: [tmp_path])
     (managed,) = run("BAGELLoader", model_name="tiny", dtype="float32")
     assert managed.model.source == tmp_path / "tiny" and managed.model.dtype == torch.float32
-    no_hub = types.ModuleType("huggingface_hub")  # any download attempt would fail on this
-    with mock.patch.dict(sys.modules, {"huggingface_hub": no_hub}):
-        (managed,) = run(
-            "BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, download_if_missing=True, repo_id="o/tiny"
-        )
-    assert managed.model.source == tmp_path / "tiny"
+    tiny.make_tiny(tmp_path / "o--tiny", seed=1)
+    monkeypatch.setattr(loader, "fetch", no_fetch)
+    (managed,) = run(
+        "BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, download_if_missing=True, repo_id="o/tiny"
+    )
+    assert managed.model.source == tmp_path / "o--tiny"
 
 
 def test_loader_errors_name_the_fix():
@@ -374,6 +382,141 @@ def test_dtype_choices_are_one_table_for_the_loader_and_the_cli():
     assert checkpoint.resolve_dtype("float16", "cpu") == torch.float16
     with pytest.raises(ValueError, match="dtype 'double' is unknown; choose one of auto, bfloat16"):
         checkpoint.resolve_dtype("double", "cpu")
+
+
+# -- the download switch (no network: a local server that never answers, or a fake fetch) ----------------
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    """An empty models/bagel folder as ComfyUI's only one."""
+    root = tmp_path / "bagel"
+    root.mkdir()
+    monkeypatch.setattr(bridge, "model_roots", lambda: [root])
+    return root
+
+
+@pytest.fixture
+def silent_hub(monkeypatch):
+    """HF_ENDPOINT at a local port that accepts connections and never answers (a stalled network)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel completes the handshakes; nothing is ever read or written
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DOWNLOAD_TIMEOUT"):
+            monkeypatch.delenv(name, raising=False)
+        yield
+
+
+def within(seconds: float, call):
+    """call(), failing (instead of hanging the suite) if it has not returned or raised after `seconds`."""
+    done: dict = {}
+
+    def target():
+        try:
+            done["value"] = call()
+        except BaseException as e:
+            done["error"] = e
+
+    worker = threading.Thread(target=target, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s"
+    if "error" in done:
+        raise done["error"]
+    return done["value"], time.monotonic() - start
+
+
+def load_downloading(repo_id: str):
+    return run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, download_if_missing=True, repo_id=repo_id)
+
+
+def test_download_from_a_server_that_never_answers_ends_with_the_way_out(models_dir, silent_hub, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    with pytest.raises(loader.DownloadError) as failed:
+        within(120, lambda: load_downloading("someone/BAGEL-x"))
+    message = str(failed.value)
+    assert "did not answer within 1 s" in message
+    assert "turn download_if_missing off" in message and str(models_dir / "someone--BAGEL-x") in message
+
+
+def test_download_while_hugging_face_is_switched_off_says_so(models_dir, silent_hub, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(loader.DownloadError, match="HF_HUB_OFFLINE is set.*turn download_if_missing off"):
+        within(120, lambda: load_downloading("someone/BAGEL-x"))
+
+
+def test_download_stops_at_once_when_comfyui_cancels(models_dir, silent_hub, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "600")
+    children, start_child = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        children.append(start_child(*args, **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr(loader.subprocess, "Popen", popen)
+    modules, _ = fake_comfy(interrupt_at=3)  # Cancel at the third check, after about half a second
+    start = time.monotonic()
+    with mock.patch.dict(sys.modules, modules), pytest.raises(Interrupted):
+        within(120, lambda: load_downloading("someone/BAGEL-x"))
+    assert time.monotonic() - start < 30  # far within the 600 s the server is given
+    (child,) = children
+    assert child.poll() is not None  # the download was stopped, not left running behind the queue
+
+
+@pytest.mark.parametrize("damaged", ["ema.safetensors", "llm_config.json"])
+def test_download_fetches_a_truncated_file_again(models_dir, tmp_path, monkeypatch, damaged):
+    good = tiny.make_tiny(tmp_path / "good", seed=1)
+    folder = tiny.make_tiny(models_dir / "o--tiny", seed=1)
+    data = (folder / damaged).read_bytes()
+    (folder / damaged).write_bytes(data[: len(data) // 2])
+    fetched = []
+
+    def fetch(repo_id, target, timeout):
+        fetched.append((repo_id, target, (target / damaged).exists()))
+        shutil.copy(good / damaged, target / damaged)
+
+    monkeypatch.setattr(loader, "fetch", fetch)
+    (managed,) = load_downloading("o/tiny")
+    assert fetched == [("o/tiny", folder, False)]  # the damaged file was removed, so the hub fetches it anew
+    assert managed.model.source == folder
+
+
+def test_download_folder_is_unique_per_repo_id(models_dir, monkeypatch):
+    fetched = []
+
+    def fetch(repo_id, target, timeout):
+        fetched.append(repo_id)
+        tiny.make_tiny(target, seed=len(fetched))
+
+    monkeypatch.setattr(loader, "fetch", fetch)
+    (a,), (b,) = load_downloading("a/x"), load_downloading("b/x")
+    assert fetched == ["a/x", "b/x"]
+    assert (a.model.source, b.model.source) == (models_dir / "a--x", models_dir / "b--x")
+    names = NODES["BAGELLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert names == [lib.bundled.DEFAULT_NAME, "a--x", "b--x"]  # listed, so they load with the switch off
+
+
+def test_download_refuses_a_repo_id_that_is_not_one(models_dir, monkeypatch):
+    monkeypatch.setattr(loader, "fetch", no_fetch)
+    for bad in ("../../etc", "a/b/c", "a--b/c", "", "a/.."):
+        with pytest.raises(
+            loader.DownloadError, match="not a Hugging Face repository id: write it as owner/name"
+        ):
+            load_downloading(bad)
+
+
+def test_download_points_at_a_folder_an_earlier_version_downloaded(models_dir, monkeypatch):
+    tiny.make_tiny(models_dir / "BAGEL-7B-MoT", seed=1)
+    monkeypatch.setattr(loader, "fetch", no_fetch)  # never 29 GB again without asking
+    with pytest.raises(
+        loader.DownloadError, match="rename it to ByteDance-Seed--BAGEL-7B-MoT; otherwise turn"
+    ):
+        load_downloading("ByteDance-Seed/BAGEL-7B-MoT")
 
 
 # -- IMAGE conversion -----------------------------------------------------------------------------------
