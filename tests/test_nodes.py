@@ -288,6 +288,27 @@ def test_size_not_a_multiple_of_16_is_refused(model):
         run("BAGELTextToImage", model=model, prompt="a red circle", width=50, height=64)
 
 
+def test_size_tooltips_name_each_models_limit_and_default():
+    config = importlib.import_module(f"{PACK}.bagel_model.checkpoint").read_config(
+        lib.bundled.default_model_dir()
+    )
+    for side in ("width", "height"):
+        kind, options = NODES["BAGELTextToImage"].INPUT_TYPES()["required"][side]
+        assert options["max"] == 1024 and options["step"] == config.latent_downsample
+        assert f"{config.max_image_side} for the bundled model" in options["tooltip"]  # the limit
+        default = getattr(config.inference, f"default_{side}")
+        assert f"{default} for the bundled model)" in options["tooltip"]  # the size 0 stands for
+        assert "1024 for BAGEL-7B-MoT" in options["tooltip"]
+
+
+def test_size_above_the_models_limit_is_refused_naming_the_input_and_the_limit(model):
+    limit = model.model.config.max_image_side
+    with pytest.raises(ValueError, match=rf"^width {limit + 16} must be .* and {limit}$"):
+        run("BAGELTextToImage", model=model, prompt="a red circle", width=limit + 16, height=64)
+    with pytest.raises(ValueError, match=rf"^height 1024 must be .* and {limit}$"):
+        run("BAGELTextToImage", model=model, prompt="a red circle", width=64, height=1024)
+
+
 def test_empty_prompt_needs_a_context(model):
     with pytest.raises(ValueError, match="prompt is empty and there is no context"):
         run("BAGELTextToImage", model=model, prompt="  ")
