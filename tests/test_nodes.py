@@ -309,6 +309,16 @@ def test_size_above_the_models_limit_is_refused_naming_the_input_and_the_limit(m
         run("BAGELTextToImage", model=model, prompt="a red circle", width=64, height=1024)
 
 
+@pytest.mark.parametrize("name", ["cfg_text_scale", "timestep_shift"])
+@pytest.mark.parametrize("node_id", ["BAGELTextToImage", "BAGELEdit"])
+def test_non_finite_sampler_values_from_the_api_are_refused_by_name(model, scene, node_id, name):
+    """ComfyUI's min/max checks let NaN through (every comparison with NaN is False)."""
+    inputs = {"prompt": "a red circle"} if node_id == "BAGELTextToImage" else {"instruction": "x"}
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got {value!r}$"):
+            run(node_id, model=model, context=scene[1], **inputs, **{name: value})
+
+
 def test_empty_prompt_needs_a_context(model):
     with pytest.raises(ValueError, match="prompt is empty and there is no context"):
         run("BAGELTextToImage", model=model, prompt="  ")
