@@ -226,8 +226,7 @@ class BagelModel:
 
         The AE posterior *mean* is used, so the same image always encodes to the same context (the official
         inferencer samples the posterior, which makes every re-encoding of an image differ)."""
-        weight = next(self.vae.parameters())
-        latent = self.vae.encode(pixels.unsqueeze(0).to(weight.device, weight.dtype))[0]
+        latent = self.vae.encode(pixels.unsqueeze(0).to(self.vae.device, self.vae.dtype))[0]
         return patchify(latent, self.config.latent_patch_size)
 
     @torch.no_grad()
@@ -235,6 +234,5 @@ class BagelModel:
         """Latent tokens (h*w, c) -> RGB image, with the official uint8 conversion (truncation)."""
         cfg = self.config
         latent = unpatchify_latent(tokens, h, w, cfg.latent_patch_size, cfg.latent_channels)
-        weight = next(self.vae.parameters())
-        pixels = self.vae.decode(latent.unsqueeze(0).to(weight.device, weight.dtype))[0]
+        pixels = self.vae.decode(latent.unsqueeze(0).to(self.vae.device, self.vae.dtype))[0]
         return from_tensor(pixels.float().cpu())

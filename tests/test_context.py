@@ -14,7 +14,6 @@ import dataclasses
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import bagel_model
 from bagel_model.context import Context, ContextError
@@ -25,19 +24,6 @@ from bagel_model.sampling import FlowSettings
 
 A = "a red circle at the top left"
 B = "move the red circle to the bottom right"
-
-
-def _picture(size=(64, 64)) -> Image.Image:
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    d.ellipse((4, 4, 28, 28), fill="red")
-    d.rectangle((30, 30, 56, 50), fill="blue")
-    return im
-
-
-@pytest.fixture(scope="module")
-def picture():
-    return _picture()
 
 
 @pytest.fixture(scope="module")

@@ -33,29 +33,12 @@ T2I = FlowSettings(num_steps=3)
 EDIT = FlowSettings(num_steps=3, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), renorm_type="text_channel")
 
 
-def _picture(size=(64, 64)) -> Image.Image:
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    d.ellipse((4, 4, 28, 28), fill="red")
-    d.rectangle((30, 30, 56, 50), fill="blue")
-    return im
-
-
-def _pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
 def _kinds(history: History) -> list[str]:
     return [s.kind for s in history.segments]
 
 
 def _noise(model, n=16, seed=0):
     return torch.randn(n, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def picture():
-    return _picture()
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +259,7 @@ def test_think_modes(tiny_model, picture, mode, image_kinds):
     assert ctx.uncond_text.segments[0] is ctx.cond.segments[0]
 
 
-def test_think_then_generate(tiny_model):
+def test_think_then_generate(tiny_model, pixels):
     thought, ctx = tasks.think(tiny_model, P, settings=SHORT)
     assert [s.text for s in ctx.cond.segments] == [GEN_THINK_SYSTEM_PROMPT, P, thought]
     image, out = tasks.generate_image(tiny_model, None, context=ctx, settings=T2I)
@@ -286,7 +269,7 @@ def test_think_then_generate(tiny_model):
     plain, _ = tasks.generate_image(
         tiny_model, None, context=Context.empty(tiny_model).append_text(P), settings=T2I
     )
-    assert np.abs(_pixels(image) - _pixels(plain)).max() > 0
+    assert np.abs(pixels(image) - pixels(plain)).max() > 0
 
 
 def test_generate_text_sampling_is_seeded(tiny_model):
@@ -320,13 +303,13 @@ def test_text_settings_validation():
 # -- image generation ---------------------------------------------------------------------------------
 
 
-def test_generate_image_seed_and_context(tiny_model):
+def test_generate_image_seed_and_context(tiny_model, pixels):
     a, ctx = tasks.generate_image(tiny_model, P, settings=T2I, seed=3)
     b, _ = tasks.generate_image(tiny_model, P, settings=T2I, seed=3)
     c, _ = tasks.generate_image(tiny_model, P, settings=T2I, seed=4)
     assert a.size == (64, 64) and a.mode == "RGB"
-    assert np.array_equal(_pixels(a), _pixels(b))
-    assert not np.array_equal(_pixels(a), _pixels(c))
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(c))
     # the result joins the context as a clean image, exactly as appending it by hand would
     assert _kinds(ctx.cond) == ["text", "vae", "vit"]
     assert ctx.image_size == (64, 64)
@@ -335,7 +318,7 @@ def test_generate_image_seed_and_context(tiny_model):
         torch.testing.assert_close(got.kv.k, want.kv.k)
 
 
-def test_generate_image_latents_override_seed(tiny_model):
+def test_generate_image_latents_override_seed(tiny_model, pixels):
     settings = T2I
     seeded, _ = tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings, seed=0)
     assert seeded.size == (96, 64)
@@ -346,27 +329,27 @@ def test_generate_image_latents_override_seed(tiny_model):
     same, _ = tasks.generate_image(
         tiny_model, P, height=64, width=96, settings=settings, seed=7, latents=latents
     )
-    assert np.array_equal(_pixels(same), _pixels(seeded))
+    assert np.array_equal(pixels(same), pixels(seeded))
     other, _ = tasks.generate_image(
         tiny_model, P, height=64, width=96, settings=settings, seed=0, latents=torch.randn(16, 8, 12)
     )
-    assert not np.array_equal(_pixels(other), _pixels(seeded))
+    assert not np.array_equal(pixels(other), pixels(seeded))
     with pytest.raises(
         ValueError, match=r"latents have shape \[16, 12, 8\], expected \[16, 8, 12\] for 64x96"
     ):
         tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings, latents=latents.mT)
 
 
-def test_edit_image_size_and_chain(tiny_model):
+def test_edit_image_size_and_chain(tiny_model, pixels, picture):
     # 100x70 -> the tiny model's VAE rule (max 256, min 64, stride 16) -> 96x64
-    source = _picture((100, 70))
+    source = picture.resize((100, 70))
     edited, ctx = tasks.edit_image(tiny_model, source, E, settings=EDIT)
     assert edited.size == (96, 64)
     assert _kinds(ctx.cond) == ["vae", "vit", "text", "vae", "vit"]
     assert ctx.image_size == (64, 96)
     # the edit uses the image
     blank, _ = tasks.edit_image(tiny_model, Image.new("RGB", (100, 70), "white"), E, settings=EDIT)
-    assert not np.array_equal(_pixels(edited), _pixels(blank))
+    assert not np.array_equal(pixels(edited), pixels(blank))
 
     # image=None edits the context's latest image, without re-encoding earlier turns
     again, ctx2 = tasks.edit_image(
@@ -391,7 +374,7 @@ def test_edit_errors(tiny_model, picture):
         tasks.edit_image(tiny_model, picture, "  ", settings=EDIT)
 
 
-def test_generate_sequence(tiny_model):
+def test_generate_sequence(tiny_model, pixels):
     prompts = ["the red circle moves right", "the red circle moves down"]
     frames, ctx = tasks.generate_sequence(tiny_model, prompts, settings=EDIT, seed=5)
     assert [f.size for f in frames] == [(64, 64), (64, 64)]
@@ -400,13 +383,13 @@ def test_generate_sequence(tiny_model):
     # frame k is generate_image on the context so far, with seed + k
     first, after_first = tasks.generate_image(tiny_model, prompts[0], settings=EDIT, seed=5)
     second, _ = tasks.generate_image(tiny_model, prompts[1], context=after_first, settings=EDIT, seed=6)
-    assert np.array_equal(_pixels(frames[0]), _pixels(first))
-    assert np.array_equal(_pixels(frames[1]), _pixels(second))
+    assert np.array_equal(pixels(frames[0]), pixels(first))
+    assert np.array_equal(pixels(frames[1]), pixels(second))
 
 
-def test_generate_sequence_from_image(tiny_model):
+def test_generate_sequence_from_image(tiny_model, picture):
     frames, ctx = tasks.generate_sequence(
-        tiny_model, ["the red circle moves right"], image=_picture((100, 70)), settings=EDIT
+        tiny_model, ["the red circle moves right"], image=picture.resize((100, 70)), settings=EDIT
     )
     assert frames[0].size == (96, 64)
     assert _kinds(ctx.cond) == ["vae", "vit", "text", "vae", "vit"]
@@ -464,7 +447,7 @@ def _stop_at(step):
     return callback, seen
 
 
-def test_callback_exception_stops_generation(tiny_model, t2i_ctx, count_passes):
+def test_callback_exception_stops_generation(tiny_model, t2i_ctx, count_passes, pixels):
     segments, histories = t2i_ctx.cond.segments, (t2i_ctx.cond, t2i_ctx.uncond_text, t2i_ctx.uncond_img)
     k_before = t2i_ctx.cond.segments[0].kv.k.clone()
     settings = six(cfg_text_scale=1.0)
@@ -479,7 +462,7 @@ def test_callback_exception_stops_generation(tiny_model, t2i_ctx, count_passes):
     assert torch.equal(t2i_ctx.cond.segments[0].kv.k, k_before)
     after, _ = tasks.generate_image(tiny_model, None, context=t2i_ctx, settings=settings)
     fresh, _ = tasks.generate_image(tiny_model, P, settings=settings)
-    assert np.array_equal(_pixels(after), _pixels(fresh))
+    assert np.array_equal(pixels(after), pixels(fresh))
 
 
 def test_callback_exception_stops_decoding(tiny_model, count_passes):
@@ -490,7 +473,7 @@ def test_callback_exception_stops_decoding(tiny_model, count_passes):
     assert len(count_passes) == 1 + 1  # the question's prefill and one decoding step
 
 
-def test_batched_cfg_branches_give_the_same_images(tiny_model):
+def test_batched_cfg_branches_give_the_same_images(tiny_model, pixels):
     """One forward for a step's CFG branches changes only matmul shapes: float rounding, never a pixel
     beyond 1/255 (on this model: none at all)."""
     source = Image.new("RGB", (64, 64), "white")
@@ -505,15 +488,15 @@ def test_batched_cfg_branches_give_the_same_images(tiny_model):
         if batch:
             batched = images
     for a, b in zip(batched, images, strict=True):
-        assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
 
 
-def test_append_result_false_returns_the_context_the_image_came_from(tiny_model, count_passes):
+def test_append_result_false_returns_the_context_the_image_came_from(tiny_model, count_passes, pixels):
     settings = six(cfg_text_scale=1.0)
     kept, ctx = tasks.generate_image(tiny_model, P, settings=settings, seed=1)
     count_passes.clear()
     image, same = tasks.generate_image(tiny_model, P, settings=settings, seed=1, append_result=False)
-    assert np.array_equal(_pixels(image), _pixels(kept))
+    assert np.array_equal(pixels(image), pixels(kept))
     assert _kinds(same.cond) == ["text"] and _kinds(ctx.cond) == ["text", "vae", "vit"]
     assert len(count_passes) == 1 + 5  # the prompt and the steps; no encoding of the result
 
