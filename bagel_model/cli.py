@@ -114,7 +114,8 @@ def cmd_understand(args: argparse.Namespace) -> Output:
     answer, _ = tasks.understand(
         model, args.prompt, image=image, think=args.think, settings=settings, seed=args.seed
     )
-    return Output({"text": answer})
+    # stop: "end", "max_new_tokens", or "window" (cut where the model's position window ends)
+    return Output({"text": answer, "stop": answer.stop})
 
 
 def _maybe_think(args, model, image=None):

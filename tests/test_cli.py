@@ -8,6 +8,7 @@ real entry point runs as a subprocess for `make-tiny` and for one error.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +79,23 @@ def test_understand(capsys, tiny_dir, tiny_model, picture_file):
         expected, _ = tasks.understand(
             tiny_model, "describe the image.", image=im.convert("RGB"), settings=tasks.TextSettings(4)
         )
-    assert out == {"text": expected}
+    assert out == {"text": expected, "stop": expected.stop}
     # without --json: one "key: value" line per value
     rc, text, _ = _run(capsys, "understand", "--model", tiny_dir, "--prompt", "hi", "--max-new-tokens", 2)
     assert rc == 0 and text.startswith("text: ")
+
+
+def test_understand_past_the_window_stops_there(capsys, tmp_path, tiny_dir):
+    """A model with a 40-position window: --max-new-tokens 200 answers what fits and says why it stopped
+    (it used to decode all 200, then fail: "the context would reach position ...")."""
+    narrow = tmp_path / "narrow"
+    shutil.copytree(tiny_dir, narrow)
+    config = json.loads((narrow / "llm_config.json").read_text())
+    (narrow / "llm_config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    out = _json(
+        capsys, "understand", "--model", narrow, "--prompt", "describe the image.", "--max-new-tokens", 200
+    )
+    assert out["stop"] == "window" and out["text"]
 
 
 def test_generate(capsys, tmp_path, tiny_dir, tiny_model, pixels):
