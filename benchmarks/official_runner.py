@@ -9,7 +9,8 @@ the official ``InterleaveInferencer`` runs on a CPU-only machine in float32:
    ``flash_attn_varlen_func`` computes exact per-sequence SDPA with GQA and bottom-right causal alignment.
 2. The hard-coded ``torch.bfloat16`` casts in ``modeling/bagel/qwen2_navit.py`` and
    ``modeling/bagel/siglip_navit.py`` are lifted: those two modules are loaded from their source with
-   ``torch.bfloat16`` replaced by ``torch.float32`` (in memory only; nothing is written to disk).
+   ``torch.bfloat16`` replaced by ``torch.float32`` (patched copies in a private temporary folder,
+   imported by Python's own source loader and removed at exit; the official tree is never written).
 3. The VAE encodes context images with the posterior MEAN (``vae.reg.sample = False``) unless
    ``--vae-sample`` is given.
 4. The initial noise of the flow sampler can be injected from a file (``infer --latents``).
@@ -31,6 +32,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -120,7 +122,8 @@ def install_flash_attn_stub() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. Source patches applied at import time (in memory only)
+# 2. Source patches applied at import time (patched copies in a temporary folder; the official tree is
+#    never written)
 # ---------------------------------------------------------------------------------------------------
 # module name -> list of (old, new, minimum number of occurrences expected). A patch that no longer
 # matches (changed upstream file) fails loudly instead of silently running the bf16 code.
@@ -134,37 +137,35 @@ SOURCE_PATCHES: dict[str, list[tuple[str, str, int]]] = {
 }
 
 
-class _PatchedSourceLoader(importlib.abc.Loader):
-    """Executes a module from its source file after textual replacements (no bytecode cache is used,
-    so a stale .pyc of the unpatched file can never be picked up)."""
-
-    def __init__(self, fullname: str, path: str, patches: list[tuple[str, str, int]]) -> None:
-        self.fullname = fullname
-        self.path = path
-        self.patches = patches
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
-        return None  # default module creation
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        source = Path(self.path).read_text(encoding="utf-8")
-        for old, new, min_count in self.patches:
-            count = source.count(old)
-            if count < min_count:
-                raise RuntimeError(
-                    f"official_runner: patch {old!r}->{new!r} expected >= {min_count} matches in "
-                    f"{self.path}, found {count}; the official file changed, review the patch"
-                )
-            source = source.replace(old, new)
-        code = compile(source, self.path, "exec")  # keep the real filename for tracebacks
-        exec(code, module.__dict__)
+def patched_source(path: Path, patches: list[tuple[str, str, int]]) -> str:
+    """The source of ``path`` with ``patches`` applied; refuses when a patch no longer matches, so an
+    upstream change can never silently leave the bf16 code in place. Line numbers stay those of the
+    official file (each patch replaces text within a line)."""
+    source = path.read_text(encoding="utf-8")
+    for old, new, min_count in patches:
+        count = source.count(old)
+        if count < min_count:
+            raise RuntimeError(
+                f"official_runner: patch {old!r}->{new!r} expected >= {min_count} matches in "
+                f"{path}, found {count}; the official file changed, review the patch"
+            )
+        source = source.replace(old, new)
+    return source
 
 
 class _PatchingFinder(importlib.abc.MetaPathFinder):
-    """Routes the modules listed in SOURCE_PATCHES through _PatchedSourceLoader."""
+    """Imports the modules listed in SOURCE_PATCHES from patched copies of their official source.
+
+    The copies are written, with the official folder layout, into a private temporary folder that is
+    removed when the process ends, and Python's ordinary source loader imports them: no source string is
+    ever executed by hand, and the official tree is never written to. A fresh folder per process (and
+    ``sys.dont_write_bytecode``) means a stale .pyc of an unpatched file can never be picked up.
+    """
 
     def __init__(self, official_dir: Path) -> None:
         self.official_dir = official_dir
+        self._folder = tempfile.TemporaryDirectory(prefix="bagel-official-patched-")
+        self.folder = Path(self._folder.name)
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
@@ -172,11 +173,30 @@ class _PatchingFinder(importlib.abc.MetaPathFinder):
         patches = SOURCE_PATCHES.get(fullname)
         if patches is None:
             return None
-        file_path = self.official_dir.joinpath(*fullname.split(".")).with_suffix(".py")
-        if not file_path.is_file():
+        relative = Path(*fullname.split(".")).with_suffix(".py")
+        original = self.official_dir / relative
+        if not original.is_file():
             return None
-        loader = _PatchedSourceLoader(fullname, str(file_path), patches)
-        return importlib.util.spec_from_file_location(fullname, file_path, loader=loader)
+        copy = self.folder / relative
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(patched_source(original, patches), encoding="utf-8")
+        return importlib.util.spec_from_file_location(fullname, copy)
+
+    def imported(self, fullname: str) -> bool:
+        """Whether the loaded module ``fullname`` came from this finder's patched copy."""
+        module = sys.modules.get(fullname)
+        origin = getattr(module, "__file__", None)
+        return origin is not None and Path(origin).is_relative_to(self.folder)
+
+
+def _patching_finder(official_dir: Path) -> _PatchingFinder:
+    """The finder for ``official_dir`` on ``sys.meta_path``, installed first in line if not there yet."""
+    for finder in sys.meta_path:
+        if isinstance(finder, _PatchingFinder) and finder.official_dir == official_dir:
+            return finder
+    finder = _PatchingFinder(official_dir)
+    sys.meta_path.insert(0, finder)
+    return finder
 
 
 @dataclass
@@ -199,8 +219,7 @@ def import_official(official_dir: Path) -> Official:
     # Never write __pycache__ into the (read-only, not ours) official tree.
     sys.dont_write_bytecode = True
     install_flash_attn_stub()
-    if not any(isinstance(f, _PatchingFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchingFinder(official_dir))
+    finder = _patching_finder(official_dir)
     if str(official_dir) not in sys.path:
         sys.path.insert(0, str(official_dir))
     # Note: qwen2_navit wraps flex_attention in torch.compile at import. torch.compile is lazy and the
@@ -213,8 +232,7 @@ def import_official(official_dir: Path) -> Official:
     import modeling.qwen2 as qwen2
 
     for name in SOURCE_PATCHES:
-        mod = sys.modules[name]
-        if not isinstance(mod.__spec__.loader, _PatchedSourceLoader):  # type: ignore[union-attr]
+        if not finder.imported(name):
             raise RuntimeError(f"{name} was imported before the patches were installed")
     return Official(bagel, qwen2, autoencoder, data_utils, transforms, inferencer)
 
