@@ -1,12 +1,20 @@
 """A real ComfyUI server with this pack installed, for the tests in this folder.
 
 Skipped unless $COMFYUI_DIR points at a ComfyUI checkout; $COMFYUI_PYTHON is the interpreter that runs it
-(default: this one). The server runs on the CPU, offline, on a free loopback port, from a temporary base
-directory whose only custom node is this repository (linked), so the user's ComfyUI install, models and
-outputs are never touched. It is started once per session and stopped by its process id.
+(default: this one). Under CI=true a missing piece (ComfyUI, websocket-client, chromium) FAILS the test
+instead: `.ci/run` provides all of them, so a skip there would only hide that these tests never ran.
+
+The server runs on the CPU, offline, on a free loopback port, from a temporary base directory whose only
+custom node is this repository (linked), so the user's ComfyUI install, models and outputs are never
+touched. It is started once per session and stopped by its process id.
 
 The client speaks ComfyUI's HTTP + websocket API as a headless user would: POST /prompt with a client id,
 read the websocket until the prompt succeeds, fails or is interrupted, then GET /history and /view.
+
+Fixtures: `comfy_dir` (the checkout), `server` (the shared ComfyServer), `chromium` (the browser binary),
+`websocket_client` (the websocket-client module). Module-level helpers (`comfyui_dir`, `missing`,
+`free_port`, `ComfyServer`, `ROOT`, `PACK_DIR_NAME`, `BOOT_SECONDS`) serve tests that start a server of
+their own.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +33,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 from PIL import Image
@@ -33,14 +44,38 @@ PACK_DIR_NAME = "comfyui-bagel-mot"
 BOOT_SECONDS = 180
 
 
+def in_ci() -> bool:
+    """Whether this is a CI run ($CI set, as CI services and `.ci/run` do), where nothing may skip."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(what: str) -> NoReturn:
+    """Skip a test whose environment is absent, or fail it under CI, saying what to provide."""
+    if in_ci():
+        pytest.fail(
+            f"{what} (CI=true: the real-ComfyUI tests must run here, not skip; `.ci/run` sets them up)"
+        )
+    pytest.skip(what)
+
+
 def comfyui_dir() -> Path:
+    """$COMFYUI_DIR, checked: the ComfyUI checkout the server runs from."""
     value = os.environ.get("COMFYUI_DIR")
     if not value:
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) to run")
+        missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) to run")
     path = Path(value)
     if not (path / "main.py").is_file():
         pytest.fail(f"COMFYUI_DIR={path} has no main.py")
     return path
+
+
+def websocket_module() -> ModuleType:
+    """The websocket-client package (ComfyUI's progress events, Chromium's DevTools protocol)."""
+    try:
+        import websocket
+    except ImportError:
+        missing("pip install websocket-client into the Python that runs these tests")
+    return websocket
 
 
 def free_port() -> int:
@@ -100,8 +135,7 @@ class ComfyServer:
 
     def run(self, prompt: dict, on_event: Callable[[dict], None] | None = None, timeout: float = 600) -> Run:
         """Queue `prompt` (API format) and follow it to its end over the websocket."""
-        websocket = pytest.importorskip("websocket", reason="pip install websocket-client")
-        ws = websocket.create_connection(
+        ws = websocket_module().create_connection(
             self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}", timeout=timeout
         )
         try:
@@ -177,6 +211,21 @@ def _start(comfy: Path, base: Path, log: Path) -> ComfyServer:
 @pytest.fixture(scope="session")
 def comfy_dir() -> Path:
     return comfyui_dir()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium binary the frontend tests drive: $CHROMIUM, or Debian's `chromium` on the PATH."""
+    binary = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if not binary:
+        missing("no chromium (apt-get install chromium, or set $CHROMIUM)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def websocket_client() -> ModuleType:
+    """The websocket-client package, for tests that speak a websocket protocol themselves."""
+    return websocket_module()
 
 
 @pytest.fixture(scope="session")

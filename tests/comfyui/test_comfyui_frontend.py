@@ -7,9 +7,9 @@ API-format twin in example_workflows/api/. Then each workflow is queued from the
 show their text and context summary (web/bagel.js); the page is screenshotted (kept in pytest's temporary
 folder; with BAGEL_WRITE_THUMBNAILS=1 also written as the workflow's thumbnail).
 
-Needs $COMFYUI_DIR (see conftest.py) and Debian's `chromium` (or $CHROMIUM); skipped otherwise. Chromium
-is driven over the DevTools protocol with websocket-client, started with a fresh profile and no network
-features, and stopped by its process id.
+Needs $COMFYUI_DIR (see conftest.py) and Debian's `chromium` (or $CHROMIUM); skipped otherwise, failed
+under CI=true. Chromium is driven over the DevTools protocol with websocket-client (no Playwright, no
+browser download), started with a fresh profile and no network features, and stopped by its process id.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from PIL import Image
@@ -46,11 +47,7 @@ FLAGS = [
 class Page:
     """One Chromium tab over the DevTools protocol: evaluate JavaScript, take screenshots."""
 
-    def __init__(self, url: str, width: int = 1600, height: int = 1000):
-        websocket = pytest.importorskip("websocket", reason="pip install websocket-client")
-        binary = os.environ.get("CHROMIUM") or shutil.which("chromium")
-        if not binary:
-            pytest.skip("no chromium (apt-get install chromium, or set $CHROMIUM)")
+    def __init__(self, url: str, binary: str, websocket: ModuleType, width: int = 1600, height: int = 1000):
         self.profile = tempfile.mkdtemp(prefix="bagel-chromium-")
         self.process = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0"]
@@ -123,11 +120,11 @@ class Page:
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def page(server, chromium, websocket_client):
     server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template picker
     server.post("/settings/Comfy.Minimap.Visible", False)  # clean screenshots: no minimap, no stats
     server.post("/settings/Comfy.Graph.CanvasInfo", False)
-    opened = Page(server.url)
+    opened = Page(server.url, chromium, websocket_client)
     opened.wait_for("!!LiteGraph.registered_node_types.BAGELLoader")  # node definitions arrive last
     yield opened
     opened.close()

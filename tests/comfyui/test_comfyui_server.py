@@ -2,7 +2,7 @@
 workflow to the outputs it promises, stops on an interrupt within about a step, and gives the same result
 when a workflow is queued again (from the cache, and recomputed after the cache and models are freed).
 
-Needs $COMFYUI_DIR (see conftest.py); skipped otherwise, as in CI.
+Needs $COMFYUI_DIR (see conftest.py); skipped otherwise, failed under CI=true (`.ci/run` provides it).
 """
 
 from __future__ import annotations
