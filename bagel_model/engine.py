@@ -12,14 +12,14 @@ decoded token (payload: the text so far) or denoising step (payload: the current
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from .context import Context, ContextError, History
-from .images import patchify
+from .images import patchify, unpatchify_latent
 from .layers.decoder import KVCache
 from .model import BagelModel
 from .sampling import FlowSettings, batch_cfg, cfg_active, combine_cfg, euler
@@ -61,6 +61,10 @@ class Answer(str):
         answer.stop = stop
         return answer
 
+    def __reduce__(self) -> tuple:
+        """Copy and pickle with the stop reason (ComfyUI deep-copies node outputs into its history)."""
+        return Answer, (str(self), self.stop)
+
 
 def answer_room(model: BagelModel, history: History) -> int:
     """How many tokens an answer after `history` may have and still join the context: its segment adds
@@ -96,7 +100,7 @@ def decode_text(
     ids, stop = [markers.bos], None
     for step in range(budget):
         query = model.token_query(ids[-1])
-        hidden = model.run(query, [history.rope + step], [cache.narrow(cache.n_past + step, 1)])
+        hidden = model.run([query], [history.rope + step], [cache.narrow(cache.n_past + step, 1)])
         logits = model.net.logits(hidden[-1]).float()
         if settings.do_sample:
             probs = torch.softmax(logits / settings.temperature, dim=-1).cpu()
@@ -150,16 +154,45 @@ def initial_noise(
 
 @dataclass(frozen=True)
 class _Branch:
-    """One history the image query runs after: its K/V with room for the query, and its next position."""
+    """One history an image query runs after: its K/V with room for the query, and its next position."""
 
     cache: KVCache
     rope: int
 
 
+@dataclass(frozen=True)
+class _Guidance:
+    """The CFG branches of one image. `img is None`: the image-unconditional history is the conditional
+    one (plain text-to-image), so its velocity is the conditional one, reused."""
+
+    cond: _Branch
+    text: _Branch
+    img: _Branch | None
+
+    def active(self, text_scale: float, img_scale: float) -> list[_Branch]:
+        """The branches a step runs: no CFG pass when its scale is <= 1 (image CFG needs text CFG)."""
+        if text_scale <= 1.0:
+            return [self.cond]
+        if img_scale <= 1.0 or self.img is None:
+            return [self.cond, self.text]
+        return [self.cond, self.text, self.img]
+
+    def combine(
+        self, velocities: list[torch.Tensor], text_scale: float, img_scale: float, settings: FlowSettings
+    ) -> torch.Tensor:
+        """The guided velocity from the active branches' velocities, in `active`'s order."""
+        v, *rest = velocities
+        v_text = rest[0] if rest else None
+        v_img = None
+        if rest and img_scale > 1.0:
+            v_img = rest[1] if self.img is not None else v  # reused: its history is cond's
+        return combine_cfg(v, v_text, v_img, text_scale, img_scale, settings.renorm_type, settings.renorm_min)
+
+
 @torch.no_grad()
 def denoise(
     model: BagelModel,
-    context: Context,
+    context: Context | Sequence[Context],
     height: int,
     width: int,
     settings: FlowSettings,
@@ -167,70 +200,87 @@ def denoise(
     callback: StepCallback | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sample an image at the end of `context`: the final latent tokens (h*w, c) and the number of branch
-    passes the network ran.
+    passes the network ran. With a sequence of B contexts and noise (B, h*w, c), B images are sampled
+    together, image b at the end of context b (one context repeated: a batch of seeds; one context per
+    image: a batch of edits), and the tokens come back as (B, h*w, c).
 
     Each CFG branch's history is copied once, into a cache with room for the image query, before the loop.
     A branch whose history is the conditional one (image CFG in plain text-to-image) reuses the
     conditional velocity instead of recomputing it, and no CFG pass runs at steps outside `cfg_interval`
-    or when its scale is <= 1. A step's branches run as one forward when `batch_cfg` says so."""
+    or when its scale is <= 1. A step's passes (every image's branches) run as one forward when
+    `batch_cfg` says so, else one forward each."""
+    single = isinstance(context, Context)
+    contexts = [context] if single else list(context)
+    if not single and (noise.ndim != 3 or noise.shape[0] != len(contexts)):
+        raise ValueError(f"noise of shape {list(noise.shape)} for {len(contexts)} contexts, not (B, n, c)")
     cfg = model.config
     frame = model.image_frame(height // cfg.latent_downsample, width // cfg.latent_downsample)
 
     def branch(history: History) -> _Branch:
         return _Branch(model.net.new_cache(frame.length, history.kvs()), history.rope)
 
-    cond, text_branch = branch(context.cond), branch(context.uncond_text)
-    same_img = context.uncond_img.segments == context.cond.segments
-    img_branch = None if same_img else branch(context.uncond_img)
-    batched = batch_cfg(settings, model.device, frame.h * frame.w)
+    guidance = [
+        _Guidance(
+            branch(c.cond),
+            branch(c.uncond_text),
+            None if c.uncond_img.segments == c.cond.segments else branch(c.uncond_img),
+        )
+        for c in contexts
+    ]
+    batched = batch_cfg(settings, model.device, frame.h * frame.w * len(contexts))
     passes = 0
-
-    def branch_velocities(branches: list[_Branch], t: float, x: torch.Tensor) -> list[torch.Tensor]:
-        """The query at (t, x) after each branch: side by side in one forward, or one forward each."""
-        query = model.latent_query(frame, x, t)
-        groups = [branches] if batched else [[b] for b in branches]
-        out = []
-        for group in groups:
-            hidden = model.run(query, [b.rope for b in group], [b.cache for b in group])
-            out.extend(model.net.velocity(hidden.view(len(group), frame.length, -1)[:, 1:-1]).float())
-        return out
 
     def guided_velocity(t: float, x: torch.Tensor) -> torch.Tensor:
         nonlocal passes
+        images = x.unsqueeze(0) if single else x  # (B, h*w, c)
         guided = cfg_active(t, settings.cfg_interval)
         text_scale = settings.cfg_text_scale if guided else 1.0
         img_scale = settings.cfg_img_scale if guided else 1.0
-        branches = [cond]
-        if text_scale > 1.0:
-            branches.append(text_branch)
-            if img_scale > 1.0 and img_branch is not None:
-                branches.append(img_branch)
-        passes += len(branches)
-        v, *rest = branch_velocities(branches, t, x)
-        v_text = v_img = None
-        if rest:
-            v_text = rest[0]
-            if img_scale > 1.0:
-                v_img = rest[1] if img_branch is not None else v  # reused: its history is cond's
-        return combine_cfg(v, v_text, v_img, text_scale, img_scale, settings.renorm_type, settings.renorm_min)
+        active = [g.active(text_scale, img_scale) for g in guidance]
+        queries = [model.latent_query(frame, tokens, t) for tokens in images]
+        parts = [(queries[b], br) for b, branches in enumerate(active) for br in branches]
+        passes += len(parts)
+        groups = [parts] if batched else [[p] for p in parts]
+        velocities = []
+        for group in groups:
+            qs, brs = zip(*group, strict=True)
+            hidden = model.run(qs, [br.rope for br in brs], [br.cache for br in brs])
+            velocities.extend(model.net.velocity(hidden.view(len(group), frame.length, -1)[:, 1:-1]).float())
+        out, k = [], 0
+        for g, branches in zip(guidance, active, strict=True):
+            out.append(g.combine(velocities[k : k + len(branches)], text_scale, img_scale, settings))
+            k += len(branches)
+        return out[0] if single else torch.stack(out)
 
     x = euler(guided_velocity, noise.to(device=model.device, dtype=torch.float32), settings, callback)
     return x, passes
 
 
-def sample_image(
+def sample_images(
     model: BagelModel,
-    context: Context,
+    contexts: Sequence[Context],
     height: int,
     width: int,
     settings: FlowSettings,
-    seed: int | None,
+    seeds: Sequence[int | None],
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
-) -> Image.Image:
-    """Noise from `seed` (or explicit `latents`), the sampler at the end of `context`, then the decoded
-    image."""
-    noise = initial_noise(model, height, width, seed, latents)
-    tokens, _ = denoise(model, context, height, width, settings, noise, callback)
-    d = model.config.latent_downsample
-    return model.decode_latent(tokens, height // d, width // d)
+) -> tuple[list[Image.Image], torch.Tensor]:
+    """One image at the end of each context, sampled together from noise of its seed (or explicit
+    `latents` (B, z, H/8, W/8)): the decoded images and their latents (B, z, H/8, W/8) in the model's
+    scaled latent space."""
+    if latents is not None and latents.shape[0] != len(contexts):
+        raise ValueError(f"latents hold {latents.shape[0]} images for a batch of {len(contexts)}")
+    explicit = [None] * len(contexts) if latents is None else list(latents)
+    noise = torch.stack(
+        [initial_noise(model, height, width, s, z) for s, z in zip(seeds, explicit, strict=True)]
+    )
+    tokens, _ = denoise(model, contexts, height, width, settings, noise, callback)
+    cfg, d = model.config, model.config.latent_downsample
+    grids = torch.stack(
+        [
+            unpatchify_latent(t, height // d, width // d, cfg.latent_patch_size, cfg.latent_channels)
+            for t in tokens
+        ]
+    )
+    return [model.decode_latent(z) for z in grids], grids.cpu()

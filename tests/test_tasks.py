@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -534,3 +536,10 @@ def test_a_full_window_leaves_no_room_to_answer(narrow_model):
     assert engine.answer_room(narrow_model, ctx.cond) < 1
     with pytest.raises(ContextError, match="fills the model's window of 40 positions"):
         engine.decode_text(narrow_model, ctx.cond, SHORT)
+
+
+def test_an_answer_copies_and_pickles_with_its_stop_reason():
+    """ComfyUI deep-copies outputs into /history: an Answer must survive copy and pickle."""
+    answer = engine.Answer("a red circle", engine.STOP_WINDOW)
+    for twin in (copy.deepcopy(answer), pickle.loads(pickle.dumps(answer))):
+        assert twin == "a red circle" and twin.stop == engine.STOP_WINDOW and type(twin) is engine.Answer
