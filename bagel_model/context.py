@@ -94,7 +94,7 @@ class Context:
     def _extend(self, history: History, query: Query, advance: int, **segment_fields) -> History:
         """`history` followed by `query`'s tokens as a new segment (one decoder pass)."""
         cache = self.model.net.new_cache(query.length, history.kvs())
-        self.model.run(query, [history.rope], [cache])
+        self.model.run([query], [history.rope], [cache])
         return history.then(Segment(kv=cache.new_kv(), **segment_fields), advance)
 
     def _text(self, text: str, targets: tuple[str, ...]) -> dict[str, History]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BagelConfig
-from .images import flattened_position_ids, from_tensor, patchify, unpatchify_latent
+from .images import flattened_position_ids, from_tensor, patchify
 from .layers.attention import Backend
 from .layers.decoder import KV, KVCache, LanguageModel, Routing
 from .layers.embeddings import PositionTable, TimestepEmbedder
@@ -210,13 +210,18 @@ class BagelModel:
         positions = flattened_position_ids(h, w, self.config.vit_max_num_patch_per_side).to(self.device)
         return self._image(self.net.embed_vit(patches, positions, [h * w]), self._markers(), Routing())
 
-    def run(self, query: Query, ropes: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
-        """One decoder pass of `query` after each cache's prefix, side by side, starting at that history's
-        next RoPE position: hidden states (len(caches) * n, D). The query's K/V land in the caches' room."""
-        n = len(caches)
-        positions = torch.cat([query.offsets + r for r in ropes])
-        embeds = query.embeds if n == 1 else query.embeds.repeat(n, 1)
-        return self.net(embeds, positions, query.routing.repeat(n, query.length), caches, query.causal)
+    def run(self, queries: Sequence[Query], ropes: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+        """One decoder pass of several queries side by side, query j after cache j's prefix from that
+        history's next RoPE position ropes[j]: hidden states (len(queries) * n, D). The queries' K/V land in
+        the caches' room. Side-by-side queries share one token layout (the same length and routing: the CFG
+        branches of a denoising step, or the images of a batch)."""
+        first = queries[0]
+        if any(q.length != first.length or q.causal != first.causal for q in queries):
+            raise ValueError("queries run side by side must share one token layout")
+        n = len(queries)
+        embeds = first.embeds if n == 1 else torch.cat([q.embeds for q in queries])
+        positions = torch.cat([q.offsets + r for q, r in zip(queries, ropes, strict=True)])
+        return self.net(embeds, positions, first.routing.repeat(n, first.length), caches, first.causal)
 
     # -- the autoencoder -----------------------------------------------------------------------------
 
@@ -230,9 +235,8 @@ class BagelModel:
         return patchify(latent, self.config.latent_patch_size)
 
     @torch.no_grad()
-    def decode_latent(self, tokens: torch.Tensor, h: int, w: int):
-        """Latent tokens (h*w, c) -> RGB image, with the official uint8 conversion (truncation)."""
-        cfg = self.config
-        latent = unpatchify_latent(tokens, h, w, cfg.latent_patch_size, cfg.latent_channels)
+    def decode_latent(self, latent: torch.Tensor):
+        """A latent (z, H/8, W/8) in the model's scaled latent space -> RGB image, with the official uint8
+        conversion (truncation)."""
         pixels = self.vae.decode(latent.unsqueeze(0).to(self.vae.device, self.vae.dtype))[0]
         return from_tensor(pixels.float().cpu())

@@ -12,11 +12,13 @@ Thinking system prompts are the official strings, byte for byte (BAGEL_REFERENCE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from PIL import Image
 
 from .context import Context
-from .engine import Answer, StepCallback, TextSettings, decode_text, sample_image
+from .engine import Answer, StepCallback, TextSettings, decode_text, sample_images
 from .model import BagelModel
 from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings
 
@@ -112,9 +114,28 @@ def check_size(model: BagelModel, height: int, width: int) -> None:
             raise ValueError(f"{name} {v} must be a multiple of {stride} between {stride} and {top}")
 
 
+@dataclass(frozen=True)
+class Images:
+    """A batch of generated images, their latents, and the context that continues from each."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor  # (B, z, H/8, W/8) in the model's scaled latent space
+    contexts: list[Context]
+
+
+def _seeds(seed: int | None, n: int) -> list[int | None]:
+    """Item b of a batch uses seed + b, so it is what a batch of one gives with that seed."""
+    return [None if seed is None else seed + b for b in range(n)]
+
+
+def _check_batch(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
 def _render(
     model: BagelModel,
-    ctx: Context,
+    contexts: list[Context],
     height: int,
     width: int,
     settings: FlowSettings,
@@ -122,14 +143,48 @@ def _render(
     latents: torch.Tensor | None,
     callback: StepCallback | None,
     append_result: bool,
-) -> tuple[Image.Image, Context]:
-    """Generate at the end of `ctx`, then append the image (clean, VAE + ViT) so the next step sees it;
-    with `append_result=False` return `ctx` as it was (one-shot use: encoding the result costs a VAE
-    encode, a ViT pass and a prefill that nothing would read)."""
+) -> Images:
+    """Generate at the end of each context (together), then append each image (clean, VAE + ViT) to its
+    context so the next step sees it; with `append_result=False` the contexts are returned as they were
+    (one-shot use: encoding a result costs a VAE encode, a ViT pass and a prefill that nothing would
+    read)."""
     check_size(model, height, width)
-    ctx.check_fits(1)
-    image = sample_image(model, ctx, height, width, settings, seed, latents, callback)
-    return image, ctx.append_image(image) if append_result else ctx
+    for ctx in contexts:
+        ctx.check_fits(1)
+    seeds = _seeds(seed, len(contexts))
+    images, grids = sample_images(model, contexts, height, width, settings, seeds, latents, callback)
+    if append_result:
+        contexts = [ctx.append_image(image) for ctx, image in zip(contexts, images, strict=True)]
+    return Images(images, grids, contexts)
+
+
+def generate_images(
+    model: BagelModel,
+    prompt: str | None,
+    context: Context | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    settings: FlowSettings = T2I_SETTINGS,
+    seed: int | None = 0,
+    batch_size: int = 1,
+    callback: StepCallback | None = None,
+    append_result: bool = True,
+    latents: torch.Tensor | None = None,
+) -> Images:
+    """Text-to-image, `batch_size` images from seeds seed, seed + 1, ... sampled together. `prompt` may be
+    None to generate from a context that already holds the request (after `think`, say). Size defaults
+    to the model's default output size. Each returned context holds its image, unless `append_result` is
+    False (then each is the context ending with the prompt). `latents` (B, z, H/8, W/8) replace the
+    seeds' noise."""
+    _check_batch(batch_size)
+    ctx = _start(model, context)
+    if prompt is not None and prompt.strip():
+        ctx = ctx.append_text(prompt)
+    elif not ctx.cond.segments:
+        raise ValueError("the prompt is empty and there is no context to generate from")
+    height = model.config.inference.default_height if height is None else height
+    width = model.config.inference.default_width if width is None else width
+    return _render(model, [ctx] * batch_size, height, width, settings, seed, latents, callback, append_result)
 
 
 def generate_image(
@@ -144,17 +199,63 @@ def generate_image(
     callback: StepCallback | None = None,
     append_result: bool = True,
 ) -> tuple[Image.Image, Context]:
-    """Text-to-image. `prompt` may be None to generate from a context that already holds the request
-    (after `think`, say). Size defaults to the model's default output size. The returned context holds
-    the image, unless `append_result` is False (then it ends with the prompt)."""
+    """One text-to-image result (see `generate_images`); explicit `latents` are (z, H/8, W/8)."""
+    out = generate_images(
+        model, prompt, context, height, width, settings, seed, 1, callback, append_result,
+        None if latents is None else latents.unsqueeze(0),
+    )  # fmt: skip
+    return out.images[0], out.contexts[0]
+
+
+def edit_images(
+    model: BagelModel,
+    images: list[Image.Image] | None,
+    instruction: str | None,
+    context: Context | None = None,
+    settings: FlowSettings = EDIT_SETTINGS,
+    seed: int | None = 0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    callback: StepCallback | None = None,
+    append_result: bool = True,
+    latents: torch.Tensor | None = None,
+) -> Images:
+    """Edit each of `images` (each appended VAE + ViT to its own copy of the context) by `instruction`,
+    all sampled together; with `images=None`, edit the latest image of the context `batch_size` times
+    (a multi-turn edit chain: earlier turns are not re-encoded). Item b uses seed + b. The output size
+    defaults to the inputs' size after the official resize (a batch must share one)."""
+    _check_batch(batch_size)
     ctx = _start(model, context)
-    if prompt is not None and prompt.strip():
-        ctx = ctx.append_text(prompt)
-    elif not ctx.cond.segments:
-        raise ValueError("the prompt is empty and there is no context to generate from")
-    height = model.config.inference.default_height if height is None else height
-    width = model.config.inference.default_width if width is None else width
-    return _render(model, ctx, height, width, settings, seed, latents, callback, append_result)
+    if images:
+        if batch_size not in (1, len(images)):
+            raise ValueError(f"batch_size {batch_size} does not match the {len(images)} images to edit")
+        contexts = [ctx.append_image(image) for image in images]
+    elif ctx.image_size is None:
+        raise ValueError("edit needs an image, or a context that holds one")
+    else:
+        contexts = [ctx] * batch_size
+    if instruction is not None and instruction.strip():
+        contexts = _append_once(contexts, instruction)
+    elif images:
+        raise ValueError("the edit instruction is empty")
+    sizes = {c.image_size for c in contexts}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"the images to edit have different sizes after the resize ({sorted(sizes)}); edit them one "
+            "at a time or resize them to one size first"
+        )
+    h, w = sizes.pop()
+    height, width = (h if height is None else height), (w if width is None else width)
+    return _render(model, contexts, height, width, settings, seed, latents, callback, append_result)
+
+
+def _append_once(contexts: list[Context], text: str) -> list[Context]:
+    """`text` appended to each context, computed once per distinct context (a batch repeats one)."""
+    done: dict[int, Context] = {}
+    return [
+        done.setdefault(id(c), c.append_text(text)) if id(c) not in done else done[id(c)] for c in contexts
+    ]
 
 
 def edit_image(
@@ -170,21 +271,51 @@ def edit_image(
     callback: StepCallback | None = None,
     append_result: bool = True,
 ) -> tuple[Image.Image, Context]:
-    """Edit `image` (appended VAE + ViT) by `instruction`. With `image=None`, edit the latest image of the
-    context (a multi-turn edit chain: earlier turns are not re-encoded). The output size defaults to the
-    input's size after the official resize. `append_result` as in `generate_image`."""
+    """Edit `image`, or with `image=None` the context's latest image (see `edit_images`); explicit
+    `latents` are (z, H/8, W/8)."""
+    out = edit_images(
+        model, None if image is None else [image], instruction, context, settings, seed, height, width, 1,
+        callback, append_result, None if latents is None else latents.unsqueeze(0),
+    )  # fmt: skip
+    return out.images[0], out.contexts[0]
+
+
+def generate_sequences(
+    model: BagelModel,
+    prompts: list[str],
+    context: Context | None = None,
+    image: Image.Image | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    settings: FlowSettings = EDIT_SETTINGS,
+    seed: int | None = 0,
+    batch_size: int = 1,
+    callback: StepCallback | None = None,
+) -> tuple[list[list[Image.Image]], list[Context]]:
+    """`batch_size` image sequences side by side, one image per prompt: each is appended clean to its
+    context before the next, so frame k conditions frame k+1 (multi-frame motion, world navigation).
+    Frame k of item b uses seed + b + k. Returns each item's frames and its final context."""
+    if not prompts:
+        raise ValueError("a sequence needs at least one prompt")
+    for prompt in prompts:
+        _check_prompt(prompt)
+    _check_batch(batch_size)
     ctx = _start(model, context)
     if image is not None:
         ctx = ctx.append_image(image)
-    elif ctx.image_size is None:
-        raise ValueError("edit needs an image, or a context that holds one")
-    if instruction is not None and instruction.strip():
-        ctx = ctx.append_text(instruction)
-    elif image is not None:
-        raise ValueError("the edit instruction is empty")
-    h, w = ctx.image_size
-    height, width = (h if height is None else height), (w if width is None else width)
-    return _render(model, ctx, height, width, settings, seed, latents, callback, append_result)
+    if ctx.image_size is None and (height is None or width is None):
+        height = model.config.inference.default_height if height is None else height
+        width = model.config.inference.default_width if width is None else width
+    contexts, frames = [ctx] * batch_size, [[] for _ in range(batch_size)]
+    for k, prompt in enumerate(prompts):
+        contexts = _append_once(contexts, prompt)
+        h, w = (height, width) if height and width else contexts[0].image_size
+        frame_seed = None if seed is None else seed + k
+        out = _render(model, contexts, h, w, settings, frame_seed, None, callback, append_result=True)
+        for item, frame in zip(frames, out.images, strict=True):
+            item.append(frame)
+        contexts = out.contexts
+    return frames, contexts
 
 
 def generate_sequence(
@@ -198,22 +329,8 @@ def generate_sequence(
     seed: int | None = 0,
     callback: StepCallback | None = None,
 ) -> tuple[list[Image.Image], Context]:
-    """Several images in a row, one per prompt: each is appended clean to the context before the next,
-    so frame k conditions frame k+1 (multi-frame motion, world navigation). The seed advances per image."""
-    if not prompts:
-        raise ValueError("a sequence needs at least one prompt")
-    ctx = _start(model, context)
-    if image is not None:
-        ctx = ctx.append_image(image)
-    if ctx.image_size is None and (height is None or width is None):
-        height = model.config.inference.default_height if height is None else height
-        width = model.config.inference.default_width if width is None else width
-    frames = []
-    for k, prompt in enumerate(prompts):
-        _check_prompt(prompt)
-        ctx = ctx.append_text(prompt)
-        h, w = (height, width) if height and width else ctx.image_size
-        frame_seed = None if seed is None else seed + k
-        frame, ctx = _render(model, ctx, h, w, settings, frame_seed, None, callback, append_result=True)
-        frames.append(frame)
-    return frames, ctx
+    """One image sequence (see `generate_sequences`)."""
+    frames, contexts = generate_sequences(
+        model, prompts, context, image, height, width, settings, seed, 1, callback
+    )
+    return frames[0], contexts[0]

@@ -35,7 +35,7 @@ def rel(ours: torch.Tensor, official: torch.Tensor) -> float:
 def run(m, history: History, query: Query):
     """One pass of `query` after `history`: (hidden states, the query's K/V)."""
     cache = m.net.new_cache(query.length, history.kvs())
-    return m.run(query, [history.rope], [cache]), cache.new_kv()
+    return m.run([query], [history.rope], [cache]), cache.new_kv()
 
 
 @torch.no_grad()

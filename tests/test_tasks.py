@@ -543,3 +543,44 @@ def test_an_answer_copies_and_pickles_with_its_stop_reason():
     answer = engine.Answer("a red circle", engine.STOP_WINDOW)
     for twin in (copy.deepcopy(answer), pickle.loads(pickle.dumps(answer))):
         assert twin == "a red circle" and twin.stop == engine.STOP_WINDOW and type(twin) is engine.Answer
+
+
+# -- batches ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "one-by-one"])
+def test_a_batch_equals_one_by_one(tiny_model, pixels, batch):
+    """Item b of a batch is what a batch of one gives with seed + b, whether the items' passes run as one
+    forward or one by one; each item's context continues from its own image."""
+    settings = replace(EDIT, batch_cfg=batch)
+    out = tasks.generate_images(tiny_model, P, height=64, width=64, settings=settings, seed=7, batch_size=3)
+    assert len(out.images) == len(out.contexts) == 3 and out.latents.shape[0] == 3
+    for b in range(3):
+        alone, ctx = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, seed=7 + b)
+        assert np.abs(pixels(out.images[b]) - pixels(alone)).max() <= 1
+        assert out.contexts[b].tokens == ctx.tokens
+    assert not np.array_equal(pixels(out.images[0]), pixels(out.images[1]))
+
+
+def test_a_batch_of_images_is_edited_each_in_its_own_context(tiny_model, picture, pixels):
+    other = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = tasks.edit_images(tiny_model, [picture, other], E, settings=EDIT, seed=3)
+    for b, source in enumerate((picture, other)):
+        alone, _ = tasks.edit_image(tiny_model, source, E, settings=EDIT, seed=3 + b)
+        assert np.abs(pixels(out.images[b]) - pixels(alone)).max() <= 1
+    with pytest.raises(ValueError, match="batch_size 3 does not match the 2 images"):
+        tasks.edit_images(tiny_model, [picture, other], E, settings=EDIT, batch_size=3)
+    with pytest.raises(ValueError, match="different sizes after the resize"):
+        tasks.edit_images(tiny_model, [picture, picture.resize((96, 64))], E, settings=EDIT)
+
+
+def test_a_batch_of_sequences_equals_one_by_one(tiny_model, picture, pixels):
+    prompts = ["the red circle moves right", "the red circle moves down"]
+    frames, contexts = tasks.generate_sequences(
+        tiny_model, prompts, image=picture, settings=EDIT, seed=5, batch_size=2
+    )
+    for b in range(2):
+        alone, ctx = tasks.generate_sequence(tiny_model, prompts, image=picture, settings=EDIT, seed=5 + b)
+        for got, want in zip(frames[b], alone, strict=True):
+            assert np.abs(pixels(got) - pixels(want)).max() <= 1
+        assert contexts[b].tokens == ctx.tokens

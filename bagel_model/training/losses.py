@@ -82,9 +82,7 @@ def objective(
         embeds = embeds.index_copy(0, batch.latent_index.to(device), lat.to(embeds.dtype))
 
     routing = Routing.from_mask(batch.is_gen.to(device))
-    hidden = net(
-        embeds, batch.positions.to(device), routing, None, causal=False, mask=batch.mask.to(device)
-    )
+    hidden = net(embeds, batch.positions.to(device), routing, None, causal=False, mask=batch.mask.to(device))
 
     zero = hidden.new_zeros(())
     ce, ce_by_task = zero, {}
