@@ -145,22 +145,35 @@ class ImageFrame:
         return self.h * self.w + 2
 
 
-@dataclass
-class BagelModel:
+class BagelModel(nn.Module):
     """A loaded model: the network, its autoencoder, its tokenizer and where it came from.
 
-    The AE is kept apart from `Bagel` because the official checkpoint stores it in its own file and runs it
-    in float32 whatever the decoder's dtype."""
+    One module holding every weight, so a memory manager (ComfyUI's ModelPatcher) can hold, move and free
+    it as it is. The AE is kept apart from `Bagel` because the official checkpoint stores it in its own
+    file and runs it in float32 whatever the decoder's dtype."""
 
-    net: Bagel
-    vae: AutoEncoder
-    tokenizer: BagelTokenizer
-    config: BagelConfig
-    source: Path
+    def __init__(
+        self, net: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, config: BagelConfig, source: Path
+    ):
+        super().__init__()
+        self.net = net
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.config = config
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"BagelModel({self.source}, {self.device}, {self.dtype})"
 
     @property
     def device(self) -> torch.device:
+        """Where the decoder's weights are: inputs are made there."""
         return self.net.device
+
+    @device.setter
+    def device(self, _: torch.device) -> None:
+        """Ignored: the weights say where the model is. ComfyUI's ModelPatcher records each move by
+        assigning `device`, which must not fail."""
 
     @property
     def dtype(self) -> torch.dtype:

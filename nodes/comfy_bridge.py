@@ -19,7 +19,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import nn
 
 from ..bagel_model import BagelModel
 
@@ -65,16 +64,6 @@ def devices() -> tuple[torch.device, torch.device]:
     return mm.get_torch_device(), mm.unet_offload_device()
 
 
-class BagelWeights(nn.Module):
-    """The network and its autoencoder as one module: the unit ComfyUI's ModelPatcher moves and frees.
-    (`Bagel.device` is a read-only property, and the patcher needs to set `.device` on what it moves.)"""
-
-    def __init__(self, model: BagelModel):
-        super().__init__()
-        self.net = model.net
-        self.vae = model.vae
-
-
 @dataclass(frozen=True, eq=False, repr=False)
 class ManagedModel:
     """What flows on a BAGEL_MODEL socket: the loaded model plus, inside ComfyUI, the ModelPatcher that
@@ -85,7 +74,7 @@ class ManagedModel:
     patcher: object | None = None
 
     def __repr__(self) -> str:
-        return f"ManagedModel({self.model.source}, {self.model.device}, {self.model.dtype})"
+        return f"Managed{self.model!r}"
 
     def ready(self) -> BagelModel:
         """The model, on the compute device: ComfyUI may have offloaded it since the last node ran.
@@ -100,7 +89,7 @@ def manage(model: BagelModel, compute: torch.device, offload: torch.device) -> M
     model_patcher = _comfy("comfy.model_patcher")
     if model_patcher is None:
         return ManagedModel(model)
-    return ManagedModel(model, model_patcher.ModelPatcher(BagelWeights(model), compute, offload))
+    return ManagedModel(model, model_patcher.ModelPatcher(model, compute, offload))
 
 
 # -- progress ---------------------------------------------------------------------------------------

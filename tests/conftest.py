@@ -13,6 +13,7 @@ would find whichever of the two was imported last.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -121,3 +122,16 @@ def _pixels(image: Image.Image | Path | str) -> np.ndarray:
 def pixels() -> Callable[[Image.Image | Path | str], np.ndarray]:
     """Reads an image, or an image file, as an (h, w, 3) int16 array (differences of two can be negative)."""
     return _pixels
+
+
+def with_window(model: BagelModel, positions: int) -> BagelModel:
+    """`model`'s weights (shared, not copied) behind a RoPE window of `positions`."""
+    cfg = model.config
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, max_position_embeddings=positions))
+    return BagelModel(model.net, model.vae, model.tokenizer, cfg, model.source)
+
+
+@pytest.fixture(scope="session")
+def windowed() -> Callable[[BagelModel, int], BagelModel]:
+    """`with_window` as a fixture (test files cannot import this conftest by name: tests/comfyui has one)."""
+    return with_window

@@ -10,8 +10,6 @@ segments; §4.4), positions by the official rules (a text token per position, on
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -294,13 +292,11 @@ def test_empty_text(tiny_model, text):
             append(text)
 
 
-def test_window_limit_exact(tiny_model):
+def test_window_limit_exact(tiny_model, windowed):
     """A model whose window holds exactly A then B: both fit, one more token does not."""
     tok = tiny_model.tokenizer
     la, lb = len(tok.segment(A)), len(tok.segment(B))
-    cfg = tiny_model.config
-    small_cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, max_position_embeddings=la + lb))
-    small = dataclasses.replace(tiny_model, config=small_cfg)
+    small = windowed(tiny_model, la + lb)
     ctx = Context.empty(small).append_text(A).append_text(B)
     assert ctx.cond.rope == la + lb
     with pytest.raises(ContextError, match=rf"reach position {la + lb + 3}, past the model's window of"):

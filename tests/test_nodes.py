@@ -637,7 +637,7 @@ def test_model_is_handed_to_comfyuis_memory_manager(model):
         managed = bridge.manage(model.model, cpu, cpu)
         assert managed.ready() is model.model
     weights, load_device, _ = managed.patcher
-    assert weights.net is model.model.net and weights.vae is model.model.vae and load_device == cpu
+    assert weights is model.model and load_device == cpu  # the patcher holds the model itself
     assert loads == [([managed.patcher], True)]
 
 

@@ -507,10 +507,9 @@ def test_append_result_false_returns_the_context_the_image_came_from(tiny_model,
 
 
 @pytest.fixture(scope="module")
-def narrow_model(tiny_model):
+def narrow_model(tiny_model, windowed):
     """The tiny model's weights behind a 40-position RoPE window."""
-    llm = replace(tiny_model.config.llm, max_position_embeddings=40)
-    return replace(tiny_model, config=replace(tiny_model.config, llm=llm))
+    return windowed(tiny_model, 40)
 
 
 def test_decoding_stops_where_the_window_ends(narrow_model):
