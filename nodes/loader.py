@@ -29,7 +29,7 @@ from ..bagel_model.checkpoint import (
     resolve_dtype,
 )
 from ..bagel_model.layers.attention import BACKENDS
-from ..bagel_model.quant import WEIGHT_MODES
+from ..bagel_model.quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from . import comfy_bridge
 from .sockets import CATEGORY, MODEL, widget
 
@@ -290,5 +290,7 @@ class BAGELLoader:
         folder = download(repo_id) if download_if_missing else find_model(model_name)
         compute, offload = comfy_bridge.devices()
         dtype = resolve_dtype(dtype, compute)
+        if weights == "int8":
+            quiet_int8_cast_warnings()  # logging is the application's: ComfyUI's is this node
         model = bagel_model.load(folder, device=offload, dtype=dtype, attention=attention, weights=weights)
         return (comfy_bridge.manage(model, compute, offload),)
