@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from .images import prepare_context_image, to_tensor
+from .images import patchify, prepare_context_image, to_tensor
 from .layers.decoder import KV
 from .model import BagelModel, Query
 
@@ -124,32 +124,59 @@ class Context:
         return replace(self, cond=self._text(text, ("cond",))["cond"])
 
     @torch.no_grad()
-    def append_image(self, image: Image.Image, vae: bool = True, vit: bool = True) -> Context:
+    def append_image(
+        self,
+        image: Image.Image,
+        vae: bool = True,
+        vit: bool = True,
+        latent: torch.Tensor | None = None,
+        cond_only: bool = False,
+    ) -> Context:
         """Append an image: its VAE part (for generation), then its ViT part (for understanding).
 
         The image is first resized by the VAE rule and the ViT sees that resized image, as officially. The
         text-unconditional history becomes the context with the image; the image-unconditional one is
-        unchanged."""
+        unchanged. `latent` (z, H/8, W/8), the image's latent in the model's space when it is known (a
+        generated image, a LATENT from another node), is used as the VAE part instead of encoding `image`
+        (its decode, at the resized size). `cond_only`: the image joins the conditional history only and
+        the CFG histories stay as they are (reasoning protocols that keep their guidance fixed)."""
         if not (vae or vit):
             raise ContextError("append_image needs vae=True, vit=True or both")
         cfg = self.model.config
         vae_image, vit_image = prepare_context_image(
             image, cfg.inference.vae_limits, cfg.inference.vit_limits
         )
-        history = self.cond
         size = (vae_image.height, vae_image.width)
         self.check_fits(int(vae) + int(vit))  # an image takes one RoPE position per part
+        history = self.cond
         if vae:
-            frame = self.model.image_frame(
-                vae_image.height // cfg.latent_downsample, vae_image.width // cfg.latent_downsample
+            history = self._extend(
+                history, self._vae_query(vae_image, latent), 1, kind="vae", image_size=size
             )
-            query = self.model.latent_query(frame, self.model.encode_latent(to_tensor(vae_image)), 0.0)
-            history = self._extend(history, query, 1, kind="vae", image_size=size)
         if vit:
             pixels = to_tensor(vit_image)
             query = self.model.vit_query(pixels)
             history = self._extend(history, query, 1, kind="vit", image_size=tuple(pixels.shape[1:]))
+        if cond_only:
+            return replace(self, cond=history, image_size=size)
         return replace(self, cond=history, uncond_text=history, image_size=size)
+
+    def _vae_query(self, image: Image.Image, latent: torch.Tensor | None) -> Query:
+        """The clean VAE part of a context image (already resized): from `latent` when given, else encoded."""
+        d, down = self.model.config.latent_downsample, self.model.config.vae.downsample
+        if latent is None:
+            tokens = self.model.encode_latent(to_tensor(image))
+        elif tuple(latent.shape[1:]) != (image.height // down, image.width // down):
+            raise ContextError(
+                f"a latent of {latent.shape[2] * down}x{latent.shape[1] * down} pixels is outside this "
+                f"model's image sizes (it would be resized to {image.width}x{image.height}); resize the "
+                "image instead"
+            )
+        else:
+            tokens = patchify(latent.float(), self.model.config.latent_patch_size)
+        return self.model.latent_query(
+            self.model.image_frame(image.height // d, image.width // d), tokens, 0.0
+        )
 
     # -- inspection ------------------------------------------------------------------------------
 

@@ -36,14 +36,14 @@ GEN_THINK_SYSTEM_PROMPT = (
 THINK_TEXT_SETTINGS = TextSettings(max_new_tokens=1024)
 
 
-def _start(model: BagelModel, context: Context | None) -> Context:
+def start(model: BagelModel, context: Context | None) -> Context:
     if context is None:
         return Context.empty(model)
     context.check_model(model)
     return context
 
 
-def _check_prompt(prompt: str, what: str = "prompt") -> str:
+def check_prompt(prompt: str, what: str = "prompt") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"the {what} is empty")
     return prompt
@@ -66,8 +66,8 @@ def understand(
     `answer.stop` says whether it ended, hit max_new_tokens, or was cut at the model's position window.
 
     Official order: [thinking system prompt], image (ViT only), question, then decoding."""
-    ctx = _start(model, context)
-    _check_prompt(question, "question")
+    ctx = start(model, context)
+    check_prompt(question, "question")
     if think:
         ctx = ctx.append_system_prompt(VLM_THINK_SYSTEM_PROMPT)
     if image is not None:
@@ -92,8 +92,8 @@ def think(
     history only, as in the official think mode."""
     if mode not in ("generate", "answer"):
         raise ValueError(f"think mode {mode!r} is unknown; choose 'generate' or 'answer'")
-    ctx = _start(model, context)
-    _check_prompt(instruction, "instruction")
+    ctx = start(model, context)
+    check_prompt(instruction, "instruction")
     ctx = ctx.append_system_prompt(GEN_THINK_SYSTEM_PROMPT if mode == "generate" else VLM_THINK_SYSTEM_PROMPT)
     if image is not None:
         ctx = ctx.append_image(image, vae=mode == "generate", vit=True)
@@ -133,7 +133,7 @@ def _check_batch(batch_size: int) -> None:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
-def _render(
+def render(
     model: BagelModel,
     contexts: list[Context],
     height: int,
@@ -177,14 +177,14 @@ def generate_images(
     False (then each is the context ending with the prompt). `latents` (B, z, H/8, W/8) replace the
     seeds' noise."""
     _check_batch(batch_size)
-    ctx = _start(model, context)
+    ctx = start(model, context)
     if prompt is not None and prompt.strip():
         ctx = ctx.append_text(prompt)
     elif not ctx.cond.segments:
         raise ValueError("the prompt is empty and there is no context to generate from")
     height = model.config.inference.default_height if height is None else height
     width = model.config.inference.default_width if width is None else width
-    return _render(model, [ctx] * batch_size, height, width, settings, seed, latents, callback, append_result)
+    return render(model, [ctx] * batch_size, height, width, settings, seed, latents, callback, append_result)
 
 
 def generate_image(
@@ -226,7 +226,7 @@ def edit_images(
     (a multi-turn edit chain: earlier turns are not re-encoded). Item b uses seed + b. The output size
     defaults to the inputs' size after the official resize (a batch must share one)."""
     _check_batch(batch_size)
-    ctx = _start(model, context)
+    ctx = start(model, context)
     if images:
         if batch_size not in (1, len(images)):
             raise ValueError(f"batch_size {batch_size} does not match the {len(images)} images to edit")
@@ -247,7 +247,7 @@ def edit_images(
         )
     h, w = sizes.pop()
     height, width = (h if height is None else height), (w if width is None else width)
-    return _render(model, contexts, height, width, settings, seed, latents, callback, append_result)
+    return render(model, contexts, height, width, settings, seed, latents, callback, append_result)
 
 
 def _append_once(contexts: list[Context], text: str) -> list[Context]:
@@ -298,9 +298,9 @@ def generate_sequences(
     if not prompts:
         raise ValueError("a sequence needs at least one prompt")
     for prompt in prompts:
-        _check_prompt(prompt)
+        check_prompt(prompt)
     _check_batch(batch_size)
-    ctx = _start(model, context)
+    ctx = start(model, context)
     if image is not None:
         ctx = ctx.append_image(image)
     if ctx.image_size is None and (height is None or width is None):
@@ -311,7 +311,7 @@ def generate_sequences(
         contexts = _append_once(contexts, prompt)
         h, w = (height, width) if height and width else contexts[0].image_size
         frame_seed = None if seed is None else seed + k
-        out = _render(model, contexts, h, w, settings, frame_seed, None, callback, append_result=True)
+        out = render(model, contexts, h, w, settings, frame_seed, None, callback, append_result=True)
         for item, frame in zip(frames, out.images, strict=True):
             item.append(frame)
         contexts = out.contexts

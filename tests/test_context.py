@@ -325,3 +325,21 @@ def test_the_loaders_attention_choice_reaches_the_vit(tiny_dir, picture, monkeyp
     monkeypatch.setattr(vit, "attention", recording)
     Context.empty(model).append_image(picture, vae=False, vit=True)
     assert seen and set(seen) == {"sdpa"}
+
+
+def test_an_image_appended_with_its_latent_equals_one_encoded(tiny_model, picture):
+    """A known latent (a generated image's, a LATENT from another node) replaces the VAE encode."""
+    latent = tiny_model.vae.encode(to_tensor(picture).unsqueeze(0))[0]
+    encoded = Context.empty(tiny_model).append_image(picture)
+    given = Context.empty(tiny_model).append_image(picture, latent=latent)
+    for a, b in zip(encoded.cond.segments, given.cond.segments, strict=True):
+        torch.testing.assert_close(a.kv.k, b.kv.k, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ContextError, match="outside this model's image sizes"):
+        Context.empty(tiny_model).append_image(picture, latent=latent[:, :4])
+
+
+def test_cond_only_image_leaves_the_guidance_histories(tiny_model, picture):
+    ctx = Context.empty(tiny_model).append_text(A)
+    out = ctx.append_image(picture, cond_only=True)
+    assert out.uncond_text is ctx.uncond_text and out.uncond_img is ctx.uncond_img
+    assert [s.kind for s in out.cond.segments] == ["text", "vae", "vit"] and out.image_size == (64, 64)

@@ -211,8 +211,17 @@ class AutoEncoder(nn.Module):
         context image encodes the same way every time and generation seeds stay independent of it.
         """
         mean, _logvar = self.encoder(x).chunk(2, dim=1)
-        return self.cfg.scale_factor * (mean - self.cfg.shift_factor)
+        return self.from_raw(mean)
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latent (b, z, h, w) -> image (b, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
-        return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor)
+        return self.decoder(self.to_raw(z))
+
+    def to_raw(self, z: Tensor) -> Tensor:
+        """Scaled latents (what BAGEL's diffusion side uses) -> the autoencoder's raw latent space, which is
+        what ComfyUI's LATENT holds for FLUX (its VAE nodes encode to and decode from it)."""
+        return z / self.cfg.scale_factor + self.cfg.shift_factor
+
+    def from_raw(self, raw: Tensor) -> Tensor:
+        """The inverse of `to_raw`."""
+        return self.cfg.scale_factor * (raw - self.cfg.shift_factor)
