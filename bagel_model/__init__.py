@@ -7,14 +7,19 @@ This package never imports ComfyUI; `nodes/` adapts it to ComfyUI.
 from .checkpoint import CheckpointError, load
 from .context import Context, ContextError
 from .model import BagelModel
+from .reasoning import PROTOCOLS, THINKMORPH, ZEBRA_COT, Reasoning, reason
 from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings
 from .tasks import (
     GEN_THINK_SYSTEM_PROMPT,
     VLM_THINK_SYSTEM_PROMPT,
+    Images,
     TextSettings,
     edit_image,
+    edit_images,
     generate_image,
+    generate_images,
     generate_sequence,
+    generate_sequences,
     think,
     understand,
 )
@@ -22,18 +27,27 @@ from .tasks import (
 __all__ = [
     "EDIT_SETTINGS",
     "GEN_THINK_SYSTEM_PROMPT",
+    "PROTOCOLS",
     "T2I_SETTINGS",
+    "THINKMORPH",
     "VLM_THINK_SYSTEM_PROMPT",
+    "ZEBRA_COT",
     "BagelModel",
     "CheckpointError",
     "Context",
     "ContextError",
     "FlowSettings",
+    "Images",
+    "Reasoning",
     "TextSettings",
     "edit_image",
+    "edit_images",
     "generate_image",
+    "generate_images",
     "generate_sequence",
+    "generate_sequences",
     "load",
+    "reason",
     "think",
     "understand",
 ]

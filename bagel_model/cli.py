@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from . import tasks
 from .checkpoint import DTYPE_CHOICES, load, resolve_dtype
 from .model import BagelModel
 from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
+from .reasoning import PROTOCOLS, THINKMORPH, reason
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
 
 
@@ -168,6 +169,50 @@ def cmd_edit(args: argparse.Namespace) -> Output:
     return _image_output(args, image, thought, start)
 
 
+def _frame_prompts(prompts: list[str], frames: int | None) -> list[str]:
+    if frames is None:
+        return prompts
+    if len(prompts) != 1:
+        raise ValueError(f"--frames repeats one --prompt; got {len(prompts)} prompts (drop --frames)")
+    if frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {frames}")
+    return prompts * frames
+
+
+def _save_all(images: list[Image.Image], folder: str, stem: str) -> list[str]:
+    return [_save(image, str(Path(folder) / f"{stem}_{k:03d}.png")) for k, image in enumerate(images)]
+
+
+def cmd_sequence(args: argparse.Namespace) -> Output:
+    image = _open_image(args.image) if args.image else None
+    prompts = _frame_prompts(args.prompt, args.frames)
+    settings = _flow_settings(args, EDIT_SETTINGS)
+    model = _model(args)
+    frames, _ = tasks.generate_sequence(
+        model, prompts, image=image, height=args.height, width=args.width, settings=settings, seed=args.seed,
+        callback=_progress(args),
+    )  # fmt: skip
+    return Output({"images": _save_all(frames, args.out_dir, "frame")})
+
+
+def cmd_reason(args: argparse.Namespace) -> Output:
+    image = _open_image(args.image) if args.image else None
+    protocol = PROTOCOLS[args.mode]
+    text = (
+        protocol.text
+        if args.max_new_tokens is None
+        else replace(protocol.text, max_new_tokens=args.max_new_tokens)
+    )
+    settings = _flow_settings(args, EDIT_SETTINGS)
+    model = _model(args)
+    out = reason(
+        model, args.prompt, image=image, protocol=protocol, max_rounds=args.max_rounds, text_settings=text,
+        flow_settings=settings, seed=args.seed, callback=_progress(args),
+    )  # fmt: skip
+    values = {"answer": out.answer, "stop": out.stop, "transcript": out.transcript}
+    return Output({**values, "images": _save_all(out.images, args.out_dir, "image")})
+
+
 def contact_sheet(items: list[tuple[str, Image.Image]], cell: int = 160) -> Image.Image:
     """A one-row sheet of labelled thumbnails."""
     label_h = 28
@@ -273,6 +318,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _flow_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output image file (.png)")
+    _sampler_options(p)
+    p.add_argument(
+        "--latents", help="safetensors file with one tensor 'latents' [16, H/8, W/8] (overrides seed)"
+    )
+    p.add_argument("--think", action="store_true", help="write a plan first and generate from it")
+    p.add_argument("--max-think-tokens", type=int, default=tasks.THINK_TEXT_SETTINGS.max_new_tokens)
+
+
+def _sampler_options(p: argparse.ArgumentParser) -> None:
+    """Size and sampler knobs (unset: the task's official defaults)."""
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int)
@@ -283,11 +338,6 @@ def _flow_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--renorm-type", choices=RENORM_TYPES)
     p.add_argument("--renorm-min", type=float)
     p.add_argument("--step-cache", type=int, default=1, help="k > 1: run the network every k-th step only")
-    p.add_argument(
-        "--latents", help="safetensors file with one tensor 'latents' [16, H/8, W/8] (overrides seed)"
-    )
-    p.add_argument("--think", action="store_true", help="write a plan first and generate from it")
-    p.add_argument("--max-think-tokens", type=int, default=tasks.THINK_TEXT_SETTINGS.max_new_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,6 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     _flow_options(p)
     p.set_defaults(run=cmd_edit)
+
+    p = sub.add_parser("sequence", help="an image sequence: multi-frame motion, world navigation")
+    _common(p)
+    p.add_argument("--image", help="the first frame (optional)")
+    p.add_argument("--prompt", required=True, action="append", help="one per frame, or one with --frames")
+    p.add_argument("--frames", type=int, help="repeat a single --prompt this many times")
+    p.add_argument("--out-dir", required=True, help="folder for frame_000.png, frame_001.png, ...")
+    _sampler_options(p)
+    p.set_defaults(run=cmd_sequence)
+
+    p = sub.add_parser("reason", help="visual chain-of-thought: reason in text and drawn images")
+    _common(p)
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--image")
+    p.add_argument(
+        "--mode", default=THINKMORPH.name, choices=list(PROTOCOLS), help="the fine-tune's protocol"
+    )
+    p.add_argument("--max-rounds", type=int, help="images drawn at most (default: the protocol's)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per text segment (default: the protocol's)")
+    p.add_argument("--out-dir", required=True, help="folder for the drawn images")
+    _sampler_options(p)
+    p.set_defaults(run=cmd_reason)
 
     p = sub.add_parser("demo", help="run every task once and write a contact sheet")
     _common(p)

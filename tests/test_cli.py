@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,44 @@ def test_error_exit_status_of_the_entry_point(tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: model folder")
+
+
+def test_sequence(capsys, tmp_path, tiny_dir, tiny_model, picture_file, pixels):
+    """One prompt per frame, or one prompt repeated --frames times: the library's sequence, in order."""
+    common = ("--model", tiny_dir, "--image", picture_file, "--steps", 3, "--seed", 4, "--json")
+    out = _json(
+        capsys, "sequence", *common, "--prompt", "move left", "--frames", 2, "--out-dir", tmp_path / "a"
+    )
+    assert out == {"images": [str(tmp_path / "a" / f"frame_{k:03d}.png") for k in range(2)]}
+    listed = _json(
+        capsys,
+        "sequence",
+        *common,
+        "--prompt",
+        "move left",
+        "--prompt",
+        "move left",
+        "--out-dir",
+        tmp_path / "b",
+    )
+    with Image.open(picture_file) as im:
+        settings = replace(EDIT_SETTINGS, num_steps=3)
+        frames, _ = tasks.generate_sequence(
+            tiny_model, ["move left"] * 2, image=im.convert("RGB"), settings=settings, seed=4
+        )
+    for a, b, want in zip(out["images"], listed["images"], frames, strict=True):
+        assert (pixels(a) == pixels(want)).all() and (pixels(b) == pixels(want)).all()
+    rc, _, err = _run(
+        capsys, "sequence", *common, "--prompt", "a", "--prompt", "b", "--frames", 3, "--out-dir", tmp_path
+    )
+    assert rc == 2 and "--frames repeats one --prompt; got 2 prompts" in err
+
+
+def test_reason(capsys, tmp_path, tiny_dir, picture_file):
+    """The tiny model writes no image request, so the loop ends after its first segment."""
+    out = _json(
+        capsys, "reason", "--model", tiny_dir, "--image", picture_file, "--prompt", "where is it?",
+        "--max-new-tokens", 3, "--steps", 3, "--out-dir", tmp_path, "--json",
+    )  # fmt: skip
+    assert set(out) == {"answer", "stop", "transcript", "images"}
+    assert out["stop"] in ("no_image_request", "max_new_tokens") and out["images"] == []
