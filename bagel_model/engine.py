@@ -22,7 +22,7 @@ from .context import Context, ContextError, History
 from .images import patchify, unpatchify_latent
 from .layers.decoder import KVCache
 from .model import BagelModel
-from .sampling import FlowSettings, batch_cfg, cfg_active, combine_cfg, euler
+from .sampling import FlowSettings, batch_cfg, cfg_active, check_finite, combine_cfg, euler
 
 StepCallback = Callable[[int, int, object], None]
 """callback(step, total, payload): payload is the text so far (decoding) or the current latent tokens."""
@@ -42,8 +42,10 @@ class TextSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:  # also refuses NaN
-            raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
+        if self.do_sample:
+            check_finite("temperature", self.temperature)
+            if self.temperature <= 0:
+                raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
 
 
 STOP_END, STOP_BUDGET, STOP_WINDOW = "end", "max_new_tokens", "window"

@@ -299,6 +299,9 @@ def test_text_settings_validation():
         TextSettings(max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature must be positive when sampling"):
         TextSettings(do_sample=True, temperature=0.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            TextSettings(do_sample=True, temperature=bad)
     TextSettings(do_sample=False, temperature=0.0)  # unused when greedy
 
 
