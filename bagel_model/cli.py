@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from . import tasks
-from .checkpoint import DTYPE_CHOICES, load, resolve_dtype
+from . import lora, tasks
+from .checkpoint import DTYPE_CHOICES, resolve_dtype
 from .model import BagelModel
 from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from .reasoning import PROTOCOLS, THINKMORPH, reason
@@ -71,7 +71,19 @@ def _model(args: argparse.Namespace) -> BagelModel:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
-    return load(args.model or default_model_dir(), device=device, dtype=dtype, weights=args.weights)
+    return lora.load(
+        args.model or default_model_dir(), args.lora, device=device, dtype=dtype, weights=args.weights
+    )
+
+
+def lora_option(value: str) -> tuple[str, float]:
+    """`--lora PATH[:STRENGTH]` as (path, strength); strength 1 when the text after the last colon is not
+    a number (a path may hold colons)."""
+    path, _, strength = value.rpartition(":")
+    try:
+        return (path, float(strength)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def _flow_settings(args: argparse.Namespace, base: FlowSettings) -> FlowSettings:
@@ -311,6 +323,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="native",
         choices=WEIGHT_MODES,
         help="decoder weight storage: fp8 (float8), nf4 / int8 (bitsandbytes, when installed)",
+    )
+    p.add_argument(
+        "--lora",
+        type=lora_option,
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="merge a LoRA adapter (PEFT folder or its adapter_model.safetensors) at STRENGTH (default 1); "
+        "repeatable, merged in order; needs --weights native",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
