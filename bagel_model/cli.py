@@ -72,7 +72,13 @@ def _model(args: argparse.Namespace) -> BagelModel:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     return lora.load(
-        args.model or default_model_dir(), args.lora, device=device, dtype=dtype, weights=args.weights
+        args.model or default_model_dir(),
+        args.lora,
+        device=device,
+        dtype=dtype,
+        weights=args.weights,
+        vae=args.vae,
+        tokenizer=args.tokenizer,
     )
 
 
@@ -315,7 +321,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> Output:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model folder in the official layout (default: the bundled model)")
+    p.add_argument(
+        "--model",
+        help="model folder (official layout, or a fine-tune's) or single-file .safetensors (default: the "
+        "bundled model)",
+    )
+    p.add_argument("--vae", help="FLUX's ae.safetensors: needed by a single file (default: the folder's)")
+    p.add_argument(
+        "--tokenizer", help="folder of the Qwen2.5 tokenizer: needed by a single file (default: the folder's)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: bf16 on GPU)")
     p.add_argument(

@@ -1,10 +1,11 @@
-"""Configuration dataclasses for BAGEL, read from the official model folder.
+"""Configuration dataclasses for BAGEL, read from a model folder's JSON files (or a single file's metadata).
 
 The official code reads `llm_config.json` and `vit_config.json` and then overrides some fields in code
 (QK-norm on, untied embeddings, MoT layers, the last ViT layer dropped, no ViT RoPE). Those overrides are
 properties of the architecture, so they live here as facts, not as options. Everything else that differs
 between models (AE geometry, image limits, default output size) is read from the folder, with the official
-values as defaults so a Hugging Face download works as is.
+values as defaults so a Hugging Face download works as is. `from_dict` takes a config file's contents and
+the place they came from, which errors name.
 
 This module does not touch tensors or files other than small JSON configs.
 """
@@ -21,7 +22,8 @@ class ConfigError(ValueError):
     """A config file is missing, unreadable, or describes an impossible model."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON config file's contents; a missing or malformed file is a ConfigError naming it."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -30,10 +32,17 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
+def _object(data: Any, source: Path | str) -> dict[str, Any]:
+    """`data` if it is a JSON object: a config given as a list or a string is refused by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} is not a JSON object")
+    return data
+
+
 def _pick(cls, data: dict[str, Any], source: Path | str) -> dict[str, Any]:
     """Keep the keys the dataclass knows; report missing required ones by name."""
     names = {f.name for f in fields(cls) if f.init}
-    kwargs = {k: v for k, v in data.items() if k in names}
+    kwargs = {k: v for k, v in _object(data, source).items() if k in names}
     required = [
         f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING
     ]
@@ -77,8 +86,9 @@ class LLMConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_json(cls, path: Path) -> LLMConfig:
-        return cls(**_pick(cls, _read_json(path), path))
+    def from_dict(cls, data: dict[str, Any], source: Path | str) -> LLMConfig:
+        """From the contents of an `llm_config.json`; `source` names where they came from in errors."""
+        return cls(**_pick(cls, data, source))
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,12 @@ class ViTConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> ViTConfig:
-        kwargs = _pick(cls, _read_json(path), path)
+        return cls.from_dict(read_json(path), path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path | str) -> ViTConfig:
+        """From the contents of a `vit_config.json` (which lists the dropped last layer too)."""
+        kwargs = _pick(cls, data, source)
         kwargs["num_hidden_layers"] = kwargs["num_hidden_layers"] - 1
         return cls(**kwargs)
 
@@ -149,7 +164,12 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> VAEConfig:
-        return cls(**_pick(cls, _read_json(path), path))
+        return cls.from_dict(read_json(path), path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path | str) -> VAEConfig:
+        """From the contents of an `ae_config.json`."""
+        return cls(**_pick(cls, data, source))
 
     def to_json(self, path: Path) -> None:
         """Write `ae_config.json` (every field, so the file alone describes the AE) for `from_json`."""
@@ -176,8 +196,9 @@ class InferenceConfig:
     default_width: int = 1024
 
     @classmethod
-    def from_json(cls, path: Path) -> InferenceConfig:
-        data = _read_json(path)
+    def from_dict(cls, data: dict[str, Any], source: Path | str) -> InferenceConfig:
+        """From the contents of a `bagel_inference.json` (every field optional)."""
+        data = _object(data, source)
         kwargs: dict[str, Any] = {}
         for key in ("vae_limits", "vit_limits"):
             if key in data:

@@ -23,7 +23,7 @@ from .. import bagel_model
 from ..bagel_model import bundled
 from ..bagel_model.checkpoint import (
     DTYPE_CHOICES,
-    REQUIRED_FILES,
+    OFFICIAL_FILES,
     CheckpointError,
     read_header,
     resolve_dtype,
@@ -90,7 +90,7 @@ def broken_files(folder: Path) -> list[str]:
     """The required files of `folder` that are missing or unreadable (a truncated safetensors file: its
     header promises more bytes than the file holds; a config cut short: not JSON)."""
     broken = []
-    for name in REQUIRED_FILES:
+    for name in OFFICIAL_FILES:
         path = folder / name
         if not path.is_file():
             broken.append(name)
@@ -221,7 +221,7 @@ def _explain(repo_id: str, folder: Path, timeout: int, kind: str, message: str) 
     return (
         f"Downloading {repo_id} failed: {cause}. Queue again once this is fixed (finished files are kept), "
         f"or turn download_if_missing off and put the model folder in {folder} yourself (official layout: "
-        f"{', '.join(REQUIRED_FILES)}, tokenizer files), then pick {folder.name} in model_name."
+        f"{', '.join(OFFICIAL_FILES)}, tokenizer files), then pick {folder.name} in model_name."
     )
 
 

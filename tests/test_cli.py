@@ -298,3 +298,38 @@ def test_reason(capsys, tmp_path, tiny_dir, picture_file):
     )  # fmt: skip
     assert set(out) == {"answer", "stop", "transcript", "images"}
     assert out["stop"] in ("no_image_request", "max_new_tokens") and out["images"] == []
+
+
+def test_fine_tune_folder_and_single_file_through_the_entry_point(capsys, tmp_path, pixels):
+    """The real `python -m bagel_model generate` on the bundled model as a fine-tune folder (weights in
+    model_bf16.safetensors, a config.json that is not JSON) and as a single file with --vae/--tokenizer: the
+    bundled folder's image, each time."""
+    from bagel_model.bundled import default_model_dir
+
+    bundled = default_model_dir()
+    folder = tmp_path / "fine-tune"
+    folder.mkdir()
+    configs = ("llm_config.json", "vit_config.json", "ae_config.json", "bagel_inference.json")
+    for name in (*configs, "tokenizer.json", "ae.safetensors"):
+        shutil.copy(bundled / name, folder / name)
+    shutil.copy(bundled / "ema.safetensors", folder / "model_bf16.safetensors")
+    (folder / "config.json").write_text("{'not': JSON}")
+    single = tmp_path / "bagel-tiny.safetensors"
+    shutil.copy(bundled / "ema.safetensors", single)
+    model_configs = {name: json.loads((bundled / name).read_text()) for name in configs}
+    metadata = {"format": "comfyui_bagel", "format_version": 1, "model_configs": model_configs}
+    size = single.stat().st_size
+    sidecar = {
+        "format": "comfyui_bagel_sidecar",
+        "format_version": 1,
+        "checkpoint_size": size,
+        "metadata": metadata,
+    }
+    (tmp_path / "bagel-tiny.safetensors.comfyui-bagel.json").write_text(json.dumps(sidecar))
+    args = ["generate", "--prompt", P, "--seed", 4, "--steps", 5]
+    expected = _json(capsys, *args, "--model", bundled, "--out", tmp_path / "bundled.png")["image"]
+    parts = ["--vae", bundled / "ae.safetensors", "--tokenizer", bundled]
+    for n, model in enumerate([["--model", folder], ["--model", single, *parts]]):
+        proc = _subprocess(*args, *model, "--out", tmp_path / f"{n}.png", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert np.array_equal(pixels(json.loads(proc.stdout)["image"]), pixels(expected))
