@@ -51,6 +51,31 @@ def model_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
 
 
+def model_files(folder_name: str) -> dict[str, Path]:
+    """Every file in ComfyUI's `folder_name` model folders ("vae", "diffusion_models", ...): its name as
+    ComfyUI lists it (a relative path) -> where it is; none outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return {}
+    found = {
+        name: folder_paths.get_full_path(folder_name, name)
+        for name in folder_paths.get_filename_list(folder_name)
+    }
+    return {name: Path(path) for name, path in found.items() if path is not None}
+
+
+def qwen25_tokenizer() -> Path | None:
+    """The Qwen2.5 tokenizer ComfyUI ships for its own Qwen models (`comfy/text_encoders/qwen25_tokenizer`:
+    vocab.json, merges.txt, tokenizer_config.json; BAGEL's vocabulary and marker ids), for single-file
+    BAGEL models, which hold no tokenizer; None outside ComfyUI or in one without it."""
+    comfy = _comfy("comfy")
+    for root in getattr(comfy, "__path__", ()):  # a namespace package: no __init__.py, maybe several roots
+        folder = Path(root, "text_encoders", "qwen25_tokenizer")
+        if folder.is_dir():
+            return folder
+    return None
+
+
 # -- devices and memory -----------------------------------------------------------------------------
 
 

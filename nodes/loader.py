@@ -1,7 +1,15 @@
-"""BAGEL Loader: a model folder (official Hugging Face layout) to a BAGEL_MODEL.
+"""BAGEL Loader: a model folder (official Hugging Face layout, or a fine-tune keeping it) or a single
+`.safetensors` file (the ComfyUI repackage) to a BAGEL_MODEL.
 
-Models are the bundled tiny one (always first, needs no file) and every subfolder of ComfyUI's
-`models/bagel/` holding `ema.safetensors`. Nothing is downloaded unless the user switches it on; then the
+Models are the bundled tiny one (always first, needs no file), then what `models/bagel/` holds: each
+subfolder with BAGEL's files (`bagel_model.checkpoint.is_model_folder`) and each `.safetensors` file at its
+top level except readable ones that are not BAGEL networks (a stray ae.safetensors), then the BAGEL
+networks among the files of `models/diffusion_models/` (found by their position tables, other models are
+left out). A single file has no autoencoder and no tokenizer: it takes FLUX's ae.safetensors from
+`models/vae` (or the file picked in vae_name) and the Qwen2.5 tokenizer ComfyUI ships for its own Qwen
+models (`comfy/text_encoders/qwen25_tokenizer`: BAGEL's vocabulary and marker ids).
+
+Nothing is downloaded unless the user switches it on; then the
 repo `owner/name` goes to `models/bagel/owner--name` (one folder per repo id, listed like any other model).
 
 A download runs in a child process that this node waits for while watching ComfyUI's Cancel: a stalled
@@ -11,6 +19,7 @@ killed; the files it had finished stay, and the next run fetches the rest).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -22,10 +31,17 @@ from pathlib import Path
 from .. import bagel_model
 from ..bagel_model import bundled
 from ..bagel_model.checkpoint import (
+    AE_FILE,
+    CONFIG_FILES,
     DTYPE_CHOICES,
+    INDEX_SUFFIX,
     OFFICIAL_FILES,
     CheckpointError,
+    find_weights,
+    is_bagel_file,
+    is_model_folder,
     read_header,
+    read_index,
     resolve_dtype,
 )
 from ..bagel_model.layers.attention import BACKENDS
@@ -34,6 +50,9 @@ from . import comfy_bridge
 from .sockets import CATEGORY, MODEL, widget
 
 OFFICIAL_REPO = "ByteDance-Seed/BAGEL-7B-MoT"
+DIFFUSION_MODELS = "diffusion_models"
+VAE_FOLDER = "vae"
+AUTO = "auto"
 # Seconds a download request may wait for the server (connect, headers, each chunk of data); the user's
 # HF_HUB_ETAG_TIMEOUT (huggingface_hub's own knob) overrides it.
 DOWNLOAD_TIMEOUT = 10
@@ -42,14 +61,29 @@ _REPO_PART = r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 REPO_ID = re.compile(rf"(?:{_REPO_PART}/)?{_REPO_PART}")
 
 
+def _is_bagel_file(path: Path, unreadable: bool) -> bool:
+    """Whether to list `path` as a single-file model; `unreadable`: what to say when it cannot be read."""
+    try:
+        return is_bagel_file(path)
+    except CheckpointError:
+        return unreadable
+
+
 def local_models() -> dict[str, Path]:
-    """Name -> folder of each model under the `bagel` model folders (the first folder wins a name)."""
+    """Name -> folder or file of each model (module docstring); the first one found wins a name. A file
+    in models/bagel that cannot be read is listed, so that loading it says why; one in diffusion_models
+    is not (that folder holds every other kind of model too)."""
     found: dict[str, Path] = {}
     for root in comfy_bridge.model_roots():
         if root.is_dir():
-            for folder in sorted(root.iterdir()):
-                if (folder / "ema.safetensors").is_file():
-                    found.setdefault(folder.name, folder)
+            for entry in sorted(root.iterdir()):
+                if entry.is_dir() and is_model_folder(entry):
+                    found.setdefault(entry.name, entry)
+                elif entry.is_file() and entry.suffix == ".safetensors" and _is_bagel_file(entry, True):
+                    found.setdefault(entry.name, entry)
+    for name, path in comfy_bridge.model_files(DIFFUSION_MODELS).items():
+        if path.suffix == ".safetensors" and _is_bagel_file(path, False):
+            found.setdefault(name, path)
     return found
 
 
@@ -62,9 +96,45 @@ def find_model(name: str) -> Path:
         raise FileNotFoundError(
             f"BAGEL model {name!r} was not found; model folders: {roots}. Put the model's folder there "
             "(official layout: ema.safetensors, ae.safetensors, llm_config.json, vit_config.json, tokenizer "
-            "files), or switch on download_if_missing."
+            "files; or a fine-tune's), or a single-file BAGEL .safetensors there or in "
+            "models/diffusion_models, or switch on download_if_missing."
         )
     return models[name]
+
+
+def vae_file(model: Path, vae_name: str) -> Path | None:
+    """The autoencoder to load `model` with: the file picked in vae_name; for "auto" the model folder's
+    own (None), else models/vae/ae.safetensors (FLUX's, which BAGEL uses)."""
+    vaes = comfy_bridge.model_files(VAE_FOLDER)
+    if vae_name != AUTO:
+        if vae_name not in vaes:
+            raise FileNotFoundError(
+                f"vae_name {vae_name!r} is not in ComfyUI's models/vae folders; pick another"
+            )
+        return vaes[vae_name]
+    if model.is_dir() and (model / AE_FILE).is_file():
+        return None
+    if AE_FILE not in vaes:
+        raise FileNotFoundError(
+            f"{model} holds no autoencoder and ComfyUI's models/vae has no {AE_FILE}: put FLUX's autoencoder "
+            f"{AE_FILE} (black-forest-labs/FLUX.1-schnell, or the BAGEL-7B-MoT download's) in models/vae, or "
+            "pick a file in vae_name"
+        )
+    return vaes[AE_FILE]
+
+
+def tokenizer_folder(model: Path) -> Path | None:
+    """The tokenizer for `model`: a folder's own (None), for a single file ComfyUI's Qwen2.5 tokenizer."""
+    if model.is_dir():
+        return None
+    folder = comfy_bridge.qwen25_tokenizer()
+    if folder is None:
+        raise FileNotFoundError(
+            f"{model} is a single file, which holds no tokenizer, and this ComfyUI has no "
+            "comfy/text_encoders/qwen25_tokenizer (ComfyUI ships it since its Qwen-Image support): update "
+            "ComfyUI, or load the model as a folder (ByteDance-Seed/BAGEL-7B-MoT's layout) instead"
+        )
+    return folder
 
 
 # -- download ---------------------------------------------------------------------------------------
@@ -87,10 +157,24 @@ def repo_folder_name(repo_id: str) -> str:
 
 
 def broken_files(folder: Path) -> list[str]:
-    """The required files of `folder` that are missing or unreadable (a truncated safetensors file: its
-    header promises more bytes than the file holds; a config cut short: not JSON)."""
+    """The files of `folder` that a load needs and that are missing or unreadable: the configs, the
+    weights (`find_weights`: a file, or an index and its shards; "ema.safetensors" when there are none),
+    ae.safetensors when it is there (a fine-tune may leave it to models/vae). A safetensors file is
+    unreadable when truncated (its header promises more bytes than the file holds), a JSON file when cut
+    short."""
+    needed = list(CONFIG_FILES)
+    try:
+        weights = find_weights(folder)
+    except CheckpointError:  # no weights at all (or several indexes): fetch the official file
+        weights = folder / "ema.safetensors"
+    needed.append(weights.name)
+    if weights.name.endswith(INDEX_SUFFIX):
+        with contextlib.suppress(CheckpointError):  # an unreadable index is listed already: fetched again
+            needed += sorted(set(read_index(weights).values()))
+    if (folder / AE_FILE).exists():
+        needed.append(AE_FILE)
     broken = []
-    for name in OFFICIAL_FILES:
+    for name in needed:
         path = folder / name
         if not path.is_file():
             broken.append(name)
@@ -118,7 +202,7 @@ def download(repo_id: str, timeout: int | None = None) -> Path:
     if not broken:
         return folder
     legacy = roots[0] / name.split("--")[-1]
-    if legacy != folder and (legacy / "ema.safetensors").is_file() and not folder.exists():
+    if legacy != folder and is_model_folder(legacy) and not folder.exists():
         raise DownloadError(
             f"{legacy} exists (an earlier version of this node downloaded there, or you put a model "
             f"there); downloads of {repo_id} now go to {folder}, so that repos of the same name do not mix. "
@@ -132,7 +216,8 @@ def download(repo_id: str, timeout: int | None = None) -> Path:
     if still:
         raise DownloadError(
             f"{repo_id} was downloaded to {folder} but {', '.join(still)} is missing or unreadable there: it "
-            "is not a BAGEL model in the official layout (ByteDance-Seed/BAGEL-7B-MoT's). Check repo_id."
+            "is not a BAGEL model folder (ByteDance-Seed/BAGEL-7B-MoT's layout, or a fine-tune's). Check "
+            "repo_id."
         )
     return folder
 
@@ -227,8 +312,9 @@ def _explain(repo_id: str, folder: Path, timeout: int, kind: str, message: str) 
 
 class BAGELLoader:
     DESCRIPTION = (
-        "Loads a BAGEL model (official BAGEL-7B-MoT layout) from models/bagel/, or the bundled tiny "
-        "model, onto ComfyUI's device and under its memory management."
+        "Loads a BAGEL model (a BAGEL-7B-MoT-layout folder or fine-tune, or a single .safetensors file) "
+        "from models/bagel/ or models/diffusion_models/, or the bundled tiny model, onto ComfyUI's device "
+        "and under its memory management."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (MODEL,)
@@ -242,8 +328,9 @@ class BAGELLoader:
             "required": {
                 "model_name": widget(
                     [bundled.DEFAULT_NAME, *local_models()],
-                    "The bundled tiny model (runs anywhere in seconds), or a folder under models/bagel/ "
-                    "holding ema.safetensors (e.g. ByteDance-Seed--BAGEL-7B-MoT from Hugging Face). "
+                    "The bundled tiny model (runs anywhere in seconds), a folder under models/bagel/ (e.g. "
+                    "ByteDance-Seed--BAGEL-7B-MoT from Hugging Face, or a fine-tune in that layout), or a "
+                    "single-file BAGEL .safetensors from models/bagel/ or models/diffusion_models/. "
                     "Ignored while download_if_missing is on.",
                     default=bundled.DEFAULT_NAME,
                 ),
@@ -281,16 +368,31 @@ class BAGELLoader:
                     "10 / 16 GB; needs pip install bitsandbytes).",
                     default="native",
                 ),
+                "vae_name": widget(
+                    [AUTO, *comfy_bridge.model_files(VAE_FOLDER)],
+                    "The autoencoder, from models/vae. auto: the model folder's ae.safetensors; for a "
+                    "single file (or a folder without one) models/vae/ae.safetensors, FLUX's autoencoder.",
+                    default=AUTO,
+                ),
             },
         }  # fmt: skip
 
     def load(
-        self, model_name, dtype, attention, download_if_missing=False, repo_id=OFFICIAL_REPO, weights="native"
+        self,
+        model_name,
+        dtype,
+        attention,
+        download_if_missing=False,
+        repo_id=OFFICIAL_REPO,
+        weights="native",
+        vae_name=AUTO,
     ):
-        folder = download(repo_id) if download_if_missing else find_model(model_name)
+        path = download(repo_id) if download_if_missing else find_model(model_name)
+        vae, tokenizer = vae_file(path, vae_name), tokenizer_folder(path)
         compute, offload = comfy_bridge.devices()
         dtype = resolve_dtype(dtype, compute)
         if weights == "int8":
             quiet_int8_cast_warnings()  # logging is the application's: ComfyUI's is this node
-        model = bagel_model.load(folder, device=offload, dtype=dtype, attention=attention, weights=weights)
+        options = dict(device=offload, dtype=dtype, attention=attention, weights=weights)
+        model = bagel_model.load(path, vae=vae, tokenizer=tokenizer, **options)
         return (comfy_bridge.manage(model, compute, offload),)

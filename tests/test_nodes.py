@@ -684,3 +684,125 @@ def test_api_workflow_gives_every_required_input_of_our_nodes(path):
             required = NODES[node["class_type"]].INPUT_TYPES()["required"]
             missing = set(required) - set(node["inputs"])
             assert not missing, f"{path.name} node {node_id} lacks {missing}"
+
+
+# -- loader: fine-tune folders and single files -----------------------------------------------------------
+
+
+@pytest.fixture
+def comfy_models(tmp_path, monkeypatch):
+    """ComfyUI's models/bagel, models/diffusion_models and models/vae as this test fills them."""
+    roots = {name: tmp_path / name for name in ("bagel", "diffusion_models", "vae")}
+    for root in roots.values():
+        root.mkdir()
+    monkeypatch.setattr(bridge, "model_roots", lambda: [roots["bagel"]])
+
+    def model_files(kind):  # ComfyUI's names: relative paths, sub-folders included
+        return {str(p.relative_to(roots[kind])): p for p in sorted(roots[kind].rglob("*")) if p.is_file()}
+
+    monkeypatch.setattr(bridge, "model_files", model_files)
+    return roots
+
+
+def test_loader_lists_fine_tunes_and_single_files(comfy_models):
+    bundled = lib.bundled.default_model_dir()
+    bagel, diffusion, vae = comfy_models["bagel"], comfy_models["diffusion_models"], comfy_models["vae"]
+    (bagel / "Zebra-CoT").mkdir()
+    (bagel / "Zebra-CoT" / "llm_config.json").write_text("{}")
+    (bagel / "Zebra-CoT" / "model_bf16.safetensors").touch()
+    (bagel / "notes").mkdir()
+    shutil.copy(bundled / "ema.safetensors", bagel / "bagel-tiny.safetensors")
+    shutil.copy(bundled / "ae.safetensors", bagel / "ae.safetensors")  # readable, not BAGEL: left out
+    (bagel / "cut.safetensors").write_bytes(b"\x10")  # unreadable: listed, so loading it says why
+    (diffusion / "bagel").mkdir()
+    shutil.copy(bundled / "ema.safetensors", diffusion / "bagel" / "tiny.safetensors")
+    shutil.copy(bundled / "ema.safetensors", diffusion / "bagel-tiny.safetensors")  # models/bagel's wins
+    shutil.copy(bundled / "ae.safetensors", diffusion / "flux1-dev.safetensors")  # another model: left out
+    (diffusion / "cut.safetensors").write_bytes(b"\x10")
+    shutil.copy(bundled / "ae.safetensors", vae / "ae.safetensors")
+    inputs = NODES["BAGELLoader"].INPUT_TYPES()
+    names = inputs["required"]["model_name"][0]
+    assert names == [lib.bundled.DEFAULT_NAME, "Zebra-CoT", "bagel-tiny.safetensors", "cut.safetensors",
+                     "bagel/tiny.safetensors"]  # fmt: skip
+    assert loader.find_model("bagel/tiny.safetensors") == diffusion / "bagel" / "tiny.safetensors"
+    assert loader.find_model("bagel-tiny.safetensors") == bagel / "bagel-tiny.safetensors"
+    assert inputs["optional"]["vae_name"][0] == ["auto", "ae.safetensors"]
+
+
+def test_loader_loads_a_single_file_with_comfyuis_vae_and_tokenizer(comfy_models, model, monkeypatch):
+    """A single file takes models/vae/ae.safetensors and ComfyUI's Qwen2.5 tokenizer (here the bundled
+    model's parts stand in for both) and draws what the bundled folder draws."""
+    bundled = lib.bundled.default_model_dir()
+    path = comfy_models["diffusion_models"] / "bagel-tiny.safetensors"
+    shutil.copy(bundled / "ema.safetensors", path)
+    meta = {name: json.loads((bundled / name).read_text()) for name in ("llm_config.json", "vit_config.json",
+            "ae_config.json", "bagel_inference.json")}  # fmt: skip
+    metadata = {"format": "comfyui_bagel", "format_version": 1, "model_configs": meta}
+    sidecar = {"format": "comfyui_bagel_sidecar", "format_version": 1, "checkpoint_size": path.stat().st_size,
+               "metadata": metadata}  # fmt: skip
+    Path(f"{path}.comfyui-bagel.json").write_text(json.dumps(sidecar))
+    with pytest.raises(FileNotFoundError, match="models/vae has no ae.safetensors: put FLUX's autoencoder"):
+        run("BAGELLoader", model_name="bagel-tiny.safetensors")
+    shutil.copy(bundled / "ae.safetensors", comfy_models["vae"] / "ae.safetensors")
+    monkeypatch.setattr(bridge, "qwen25_tokenizer", lambda: None)
+    with pytest.raises(FileNotFoundError, match="this ComfyUI has no comfy/text_encoders/qwen25_tokenizer"):
+        run("BAGELLoader", model_name="bagel-tiny.safetensors")
+    monkeypatch.setattr(bridge, "qwen25_tokenizer", lambda: bundled)
+    with pytest.raises(FileNotFoundError, match="vae_name 'sdxl.safetensors' is not in ComfyUI's models/vae"):
+        run("BAGELLoader", model_name="bagel-tiny.safetensors", vae_name="sdxl.safetensors")
+    (managed,) = run("BAGELLoader", model_name="bagel-tiny.safetensors")
+    assert managed.model.source == path
+    prompt = {"prompt": "a red circle at the center", "seed": 5}
+    drawn = run("BAGELTextToImage", model=managed, **prompt)["result"][0]
+    assert torch.equal(drawn, run("BAGELTextToImage", model=model, **prompt)["result"][0])
+
+
+def test_comfy_bridge_finds_comfyuis_files_and_tokenizer(tmp_path):
+    folder_paths = types.ModuleType("folder_paths")
+    files = {"vae": {"ae.safetensors": tmp_path / "ae.safetensors", "gone.safetensors": None}}
+    folder_paths.get_filename_list = lambda kind: list(files[kind])
+    folder_paths.get_full_path = lambda kind, name: (
+        None if files[kind][name] is None else str(files[kind][name])
+    )
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = [str(tmp_path / "old"), str(tmp_path / "ComfyUI" / "comfy")]
+    tokenizer = tmp_path / "ComfyUI" / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    tokenizer.mkdir(parents=True)
+    with mock.patch.dict(sys.modules, {"folder_paths": folder_paths, "comfy": comfy}):
+        assert bridge.model_files("vae") == {"ae.safetensors": tmp_path / "ae.safetensors"}
+        assert bridge.qwen25_tokenizer() == tokenizer
+    assert bridge.model_files("vae") == {} and bridge.qwen25_tokenizer() is None  # outside ComfyUI
+
+
+def test_download_of_a_fine_tune_without_an_autoencoder(comfy_models, monkeypatch):
+    """A fine-tune repo (model_bf16.safetensors, no ae.safetensors) is complete as downloaded: loaded with
+    models/vae's autoencoder, not fetched again; a truncated weights file is fetched again."""
+    bundled = lib.bundled.default_model_dir()
+    shutil.copy(bundled / "ae.safetensors", comfy_models["vae"] / "ae.safetensors")
+    fetched = []
+
+    def fetch(repo_id, target, timeout):
+        fetched.append(sorted(p.name for p in target.iterdir()) if target.exists() else [])
+        target.mkdir(exist_ok=True)
+        for name in (
+            "llm_config.json",
+            "vit_config.json",
+            "ae_config.json",
+            "bagel_inference.json",
+            "tokenizer.json",
+        ):
+            if not (target / name).exists():
+                shutil.copy(bundled / name, target / name)
+        if not (target / "model_bf16.safetensors").exists():
+            shutil.copy(bundled / "ema.safetensors", target / "model_bf16.safetensors")
+
+    monkeypatch.setattr(loader, "fetch", fetch)
+    (managed,) = load_downloading("someone/Bagel-Zebra-CoT")
+    folder = comfy_models["bagel"] / "someone--Bagel-Zebra-CoT"
+    assert managed.model.source == folder and fetched == [[]]
+    load_downloading("someone/Bagel-Zebra-CoT")
+    assert len(fetched) == 1
+    with open(folder / "model_bf16.safetensors", "r+b") as f:
+        f.truncate(1000)
+    load_downloading("someone/Bagel-Zebra-CoT")
+    assert "model_bf16.safetensors" not in fetched[1] and len(fetched) == 2
