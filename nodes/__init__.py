@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import comfy_bridge
 from .generate import BAGELEdit, BAGELTextToImage
 from .loader import BAGELLoader
+from .lora import BAGELLoraLoader
 from .sequence import BAGELMultiFrame, BAGELNavigate
 from .text import BAGELThink, BAGELUnderstand
 
@@ -20,6 +21,7 @@ NODES = {
     "BAGELEdit": (BAGELEdit, "BAGEL Edit"),
     "BAGELMultiFrame": (BAGELMultiFrame, "BAGEL Multi-Frame"),
     "BAGELNavigate": (BAGELNavigate, "BAGEL Navigate"),
+    "BAGELLoraLoader": (BAGELLoraLoader, "BAGEL LoRA Loader"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

@@ -6,8 +6,8 @@ room, and its "Unload models" / `POST /free` reach it), progress bars and interr
 is imported lazily and every function has a plain fallback, so the nodes import, run and test without
 ComfyUI (CI has none).
 
-This module knows no BAGEL task and no ComfyUI type conversion: it carries a loaded model and reports
-progress, nothing else.
+This module knows no BAGEL task and no ComfyUI type conversion: it carries a loaded model (and the LoRA
+patches ComfyUI applies to it) and reports progress, nothing else.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from ..bagel_model import BagelModel
+from ..bagel_model import BagelModel, lora
 
 MODEL_FOLDER = "bagel"
 
@@ -93,7 +93,7 @@ def devices() -> tuple[torch.device, torch.device]:
 class ManagedModel:
     """What flows on a BAGEL_MODEL socket: the loaded model plus, inside ComfyUI, the ModelPatcher that
     puts it under ComfyUI's memory management. Contexts check the model's identity, so one loader output
-    must feed a whole chain."""
+    (or one LoRA node's output: a different model) must feed a whole chain."""
 
     model: BagelModel
     patcher: object | None = None
@@ -115,6 +115,37 @@ def manage(model: BagelModel, compute: torch.device, offload: torch.device) -> M
     if model_patcher is None:
         return ManagedModel(model)
     return ManagedModel(model, model_patcher.ModelPatcher(model, compute, offload))
+
+
+def with_lora(managed: ManagedModel, adapter: lora.Adapter, strength: float) -> ManagedModel:
+    """A new model: `managed` with `adapter` at `strength`. `managed` is left as it is.
+
+    Inside ComfyUI the adapter becomes weight patches on a clone of the patcher, in ComfyUI's own LoRA
+    format (`comfy.lora.load_lora`), as its LoraLoader does: ComfyUI merges them into the shared weights when
+    it loads this clone and restores the weights when it loads another clone (the base model, another LoRA),
+    so the base ManagedModel still gives the base model and LoRA nodes stack. The clone holds the same
+    BagelModel as the base; the library gets a BagelModel of its own around the same modules, so a context
+    is tied to the weights that built it (base contexts are refused here, and the other way round).
+    Outside ComfyUI the library merges the adapter into a copy of the weights it changes."""
+    if managed.patcher is None:
+        return ManagedModel(lora.apply(managed.model, adapter, strength))
+    lora.check(managed.model, adapter, strength)  # before patching: ComfyUI skips keys it cannot patch
+    tensors, targets = {}, {}
+    for key, low in adapter.weights.items():
+        name = key.removesuffix(".weight")
+        tensors[f"{name}.lora_up.weight"] = low.up
+        tensors[f"{name}.lora_down.weight"] = low.down
+        tensors[f"{name}.alpha"] = torch.tensor(low.scale * low.rank)  # ComfyUI scales by alpha / rank
+        targets[name] = f"net.{key}"  # the weight's key in BagelModel's state dict, which the patcher holds
+    patches = _comfy("comfy.lora").load_lora(tensors, targets)
+    patcher = managed.patcher.clone()
+    added = patcher.add_patches(patches, strength)
+    if len(added) != len(targets):
+        raise RuntimeError(
+            f"ComfyUI took {len(added)} of the {len(targets)} weight patches of {adapter.path}"
+        )
+    base = managed.model
+    return ManagedModel(BagelModel(base.net, base.vae, base.tokenizer, base.config, base.source), patcher)
 
 
 # -- progress ---------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""LoRA adapters: read in PEFT format (and the module layouts BAGEL trainers save), merged by the library
-and by the CLI (`--lora`), each giving the image of weights merged by hand in this file (pixels within
-1). A zero adapter or strength 0 gives the base image; adapters that do not fit the model fail naming
-what does not fit.
+"""LoRA adapters: read in PEFT format (and the module layouts BAGEL trainers save), merged by the library,
+the CLI (`--lora`) and the BAGEL LoRA node without ComfyUI, each giving the image of weights merged by
+hand in this file (pixels within 1). A zero adapter or strength 0 gives the base image; adapters that do
+not fit the model fail naming what does not fit.
 
 Every adapter here is written by the test: random factors for the bundled model's generation expert (what
-BAGEL trainers adapt by default), 5 sampling steps at its 64 px default size.
+BAGEL trainers adapt by default), 5 sampling steps at its 64 px default size. `write_adapter` and
+`write_merged_model` also serve tests/comfyui/test_comfyui_lora.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_nodes import NODES, bridge, images, lib, run
 
 import bagel_model
 from bagel_model import cli, lora
@@ -277,3 +279,42 @@ def test_cli_lora_option_parses_paths_and_strengths():
 def test_cli_bad_adapter_exits_2_naming_it(tmp_path, capsys):
     rc = cli.main(["understand", "--prompt", "hi", "--lora", str(tmp_path / "nowhere")])
     assert rc == 2 and "nowhere" in capsys.readouterr().err
+
+
+# -- the node, without ComfyUI ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loras_folder(tmp_path, monkeypatch, adapter_dir):
+    """A models/loras folder with the adapter, one file without a config (another model's LoRA) and
+    nothing else, as comfy_bridge lists it."""
+    shutil.copytree(adapter_dir, tmp_path / "shapes")
+    (tmp_path / "sdxl_style.safetensors").touch()
+    files = {p.relative_to(tmp_path).as_posix(): p for p in tmp_path.rglob("*.safetensors")}
+    monkeypatch.setattr(bridge, "model_files", lambda folder: files if folder == "loras" else {})
+    return tmp_path
+
+
+def test_node_lists_peft_adapters_and_applies_one_to_a_new_model(
+    loras_folder, base_image, merged_image, pixels
+):
+    names = NODES["BAGELLoraLoader"].INPUT_TYPES()["required"]["lora_name"][0]
+    assert names == ["shapes/adapter_model.safetensors"]
+    (managed,) = run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME)
+    (adapted,) = run("BAGELLoraLoader", model=managed, lora_name=names[0], strength=STRENGTH)
+    assert adapted.patcher is None and adapted.model is not managed.model
+    settings = {"prompt": PROMPT, "seed": SEED, "steps": STEPS}
+    image, context = run("BAGELTextToImage", model=adapted, **settings)["result"][:2]
+    assert close(pixels(images.to_pil(image)), merged_image)
+    base = run("BAGELTextToImage", model=managed, **settings)["result"][0]
+    assert np.array_equal(pixels(images.to_pil(base)), base_image)  # the node's input is unchanged
+    with pytest.raises(lib.ContextError, match="built by another model"):
+        run("BAGELEdit", model=managed, instruction="make it blue", context=context)
+
+
+def test_node_without_adapters_says_where_to_put_them(monkeypatch):
+    monkeypatch.setattr(bridge, "model_files", lambda folder: {})
+    names = NODES["BAGELLoraLoader"].INPUT_TYPES()["required"]["lora_name"][0]
+    (managed,) = run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME)
+    with pytest.raises(FileNotFoundError, match="not in models/loras.*adapter_config.json"):
+        run("BAGELLoraLoader", model=managed, lora_name=names[0])

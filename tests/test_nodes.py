@@ -92,7 +92,7 @@ def scene(model):
 # -- registration and declared inputs -------------------------------------------------------------------
 
 
-def test_pack_registers_seven_prefixed_nodes_and_a_web_folder():
+def test_pack_registers_eight_prefixed_nodes_and_a_web_folder():
     assert list(NODES) == [
         "BAGELLoader",
         "BAGELUnderstand",
@@ -101,6 +101,7 @@ def test_pack_registers_seven_prefixed_nodes_and_a_web_folder():
         "BAGELEdit",
         "BAGELMultiFrame",
         "BAGELNavigate",
+        "BAGELLoraLoader",
     ]
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
     assert all(name.startswith("BAGEL ") for name in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
@@ -117,7 +118,7 @@ def test_pack_imports_by_path_with_nothing_on_sys_path(tmp_path):
     )
     done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "7"
+    assert done.stdout.strip() == "8"
 
 
 @pytest.mark.parametrize("node_id", list(NODES))
