@@ -202,7 +202,7 @@ class Context:
         if model is not self.model:
             raise ContextError(
                 "this context was built by another model; connect the same BAGEL model to every node "
-                "of a chain"
+                "of a chain (a BAGEL LoRA Loader's output is a different model from its input)"
             )
 
     def check_fits(self, new_positions: int) -> None:
