@@ -57,6 +57,7 @@ from .config import (
 from .layers.attention import check_backend
 from .layers.vae import AutoEncoder
 from .model import Bagel, BagelModel
+from .offload import dispatch
 from .quant import BNB_MODES, WEIGHT_MODES, bitsandbytes, quantize_linears
 from .tokenizer import MARKERS, BagelTokenizer
 
@@ -514,6 +515,9 @@ def load(
     weights: str = "native",
     vae: Path | str | None = None,
     tokenizer: Path | str | None = None,
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str] | None = None,
+    offload_folder: Path | str | None = None,
 ) -> BagelModel:
     """Load a BAGEL model folder or single file (layouts: module docstring). Strict: any missing, extra
     or mis-shaped tensor is an error.
@@ -521,8 +525,10 @@ def load(
     `attention` picks the attention backend (`layers.attention.BACKENDS`); `weights` how the decoder's
     linear weights are stored (`quant.WEIGHT_MODES`: "native" in `dtype`, or "fp8" / "nf4" / "int8" with
     compute in `dtype`). `vae` is the autoencoder's file and `tokenizer` a folder with tokenizer files:
-    a single file needs both, a folder uses its own unless they are given. Unusable choices are refused
-    here, before any weight is read."""
+    a single file needs both, a folder uses its own unless they are given. `device_map`, `max_memory`
+    and `offload_folder` spread the decoder over devices or offload it to the CPU and disk in accelerate's
+    vocabulary (`offload.dispatch`; the map is "auto" when only a budget is given); the weights stream to
+    the CPU first, then into place. Unusable choices are refused here, before any weight is read."""
     check_backend(attention)
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weight mode {weights!r} is unknown; choose one of {', '.join(WEIGHT_MODES)}")
@@ -530,12 +536,20 @@ def load(
         bitsandbytes()  # a missing package is reported before any weight is read
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    if device_map is not None and weights != "native":
+        raise CheckpointError(f"weights {weights!r} cannot be combined with a device map; use weights native")
     ckpt, cfg = _read(Path(path))
     ae = read_weights(_ae_file(ckpt, vae))
     bpe = _tokenizer(ckpt, tokenizer, cfg)
     with torch.device("meta"), _NoInitOnMeta():
         net, autoencoder = Bagel(cfg), AutoEncoder(cfg.vae)
-    stream_weights(net, ckpt.weights, device, dtype, weights, ckpt.hint)
+    stream_weights(
+        net, ckpt.weights, torch.device("cpu") if device_map else device, dtype, weights, ckpt.hint
+    )
+    if device_map is not None:
+        device = dispatch(net, device_map, max_memory, offload_folder)
     ae_hint = ckpt.hint if vae is None else f"{ae.path} must be FLUX's autoencoder (ae.safetensors)."
     stream_weights(autoencoder, ae, device, vae_dtype, hint=ae_hint)
     net.attn_backend = attention

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from . import lora, tasks
 from .checkpoint import DTYPE_CHOICES, resolve_dtype
 from .model import BagelModel
+from .offload import parse_memory
 from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from .reasoning import PROTOCOLS, THINKMORPH, reason
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
@@ -79,6 +80,9 @@ def _model(args: argparse.Namespace) -> BagelModel:
         weights=args.weights,
         vae=args.vae,
         tokenizer=args.tokenizer,
+        device_map=args.device_map,
+        max_memory=parse_memory(args.max_memory) if args.max_memory else None,
+        offload_folder=args.offload_folder,
     )
 
 
@@ -331,6 +335,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--tokenizer", help="folder of the Qwen2.5 tokenizer: needed by a single file (default: the folder's)"
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument(
+        "--device-map",
+        help="spread the decoder with accelerate: auto, balanced, sequential (auto with --max-memory)",
+    )
+    p.add_argument(
+        "--max-memory",
+        action="append",
+        metavar="DEVICE=SIZE",
+        help="memory budget per device for the device map, e.g. cuda:0=20GiB, cpu=64GiB (repeatable)",
+    )
+    p.add_argument("--offload-folder", help="where weights that fit no budget are offloaded (disk)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (auto: bf16 on GPU)")
     p.add_argument(
         "--weights",

@@ -60,10 +60,18 @@ class Bagel(nn.Module):
         self.connector = Connector(cfg.vit.hidden_size, d)
         self.vit_pos_embed = PositionTable(cfg.vit_max_num_patch_per_side, d)
         self.attn_backend: Backend = "auto"  # a setting (chosen at load), not state
+        # Set by `place` when accelerate spreads or offloads the weights (offload.py); else None: the
+        # weights' own device.
+        self._execution: torch.device | None = None
+        self._layer_devices: list[torch.device] | None = None
+
+    def place(self, execution: torch.device, layer_devices: list[torch.device]) -> None:
+        """Record where inputs are made and where each decoder layer runs (its K/V cache lives there)."""
+        self._execution, self._layer_devices = execution, layer_devices
 
     @property
     def device(self) -> torch.device:
-        return self.vae2llm.weight.device
+        return self._execution or self.vae2llm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,8 +111,8 @@ class Bagel(nn.Module):
     def new_cache(self, n_query: int, prefix: Sequence[KV] = ()) -> KVCache:
         """A cache holding `prefix` (segments in order) with room for `n_query` tokens."""
         llm = self.config.llm
-        shape = (llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim)
-        return KVCache.allocate(prefix, n_query, self.vae2llm.weight, shape)
+        devices = self._layer_devices or [self.device] * llm.num_hidden_layers
+        return KVCache.allocate(prefix, n_query, (llm.num_key_value_heads, llm.head_dim), self.dtype, devices)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)

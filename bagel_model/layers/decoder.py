@@ -89,17 +89,20 @@ class KVCache:
 
     @staticmethod
     def allocate(
-        prefix: Sequence[KV], n_query: int, like: torch.Tensor, shape: tuple[int, int, int]
+        prefix: Sequence[KV],
+        n_query: int,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        devices: Sequence[torch.device],
     ) -> KVCache:
         """A fresh cache holding the segments of `prefix` in order, then `n_query` rows of room.
 
-        `shape` is (layers, h_kv, d); `like` gives the dtype and device (used when the prefix is empty)."""
-        layers, heads, dim = shape
+        `shape` is (h_kv, d); layer i's buffer lives on `devices[i]`, where that layer runs."""
         n_past = sum(p.length for p in prefix)
         ks, vs = [], []
-        for i in range(layers):
-            k = like.new_empty((n_past + n_query, heads, dim))
-            v = like.new_empty((n_past + n_query, heads, dim))
+        for i, device in enumerate(devices):
+            k = torch.empty((n_past + n_query, *shape), dtype=dtype, device=device)
+            v = torch.empty((n_past + n_query, *shape), dtype=dtype, device=device)
             start = 0
             for p in prefix:
                 k[start : start + p.length], v[start : start + p.length] = p.k[i], p.v[i]
@@ -119,9 +122,12 @@ class KVCache:
         return KVCache(tuple(k[:end] for k in self.k), tuple(v[:end] for v in self.v), n_past)
 
     def new_kv(self) -> KV:
-        """The query's K/V as written by the last pass, as one compact copy (a context segment)."""
+        """The query's K/V as written by the last pass, as one compact copy (a context segment) on the
+        first layer's device."""
+        home = self.k[0].device
         return KV(
-            torch.stack([k[self.n_past :] for k in self.k]), torch.stack([v[self.n_past :] for v in self.v])
+            torch.stack([k[self.n_past :].to(home) for k in self.k]),
+            torch.stack([v[self.n_past :].to(home) for v in self.v]),
         )
 
 
