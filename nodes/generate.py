@@ -1,20 +1,26 @@
-"""Nodes that draw one image: Text to Image and Edit.
+"""Nodes that draw images: Text to Image and Edit.
 
-Each returns the image and the context with that image appended, so an Edit fed by another Edit's context
-continues the same session (a multi-turn edit chain, nothing re-encoded).
+Each returns its images, the context with the (first) image appended, so an Edit fed by another Edit's
+context continues the same session (a multi-turn edit chain, nothing re-encoded), and the images as a
+ComfyUI LATENT (nodes/latents.py). `batch_size` draws several items in one run, item b from seed + b:
+exactly what a run of batch 1 with that seed draws.
 """
 
 from __future__ import annotations
 
-from ..bagel_model import EDIT_SETTINGS, T2I_SETTINGS, edit_image, generate_image
+import torch
+
+from ..bagel_model import EDIT_SETTINGS, T2I_SETTINGS, ContextError, Images, edit_images, generate_images
+from ..bagel_model.tasks import check_prompt, start
 from .comfy_bridge import Progress
-from .images import to_image, to_pil
+from .images import to_image, to_pils
+from .latents import LATENT, from_latent, to_latent
 from .sockets import (
     CATEGORY,
     CONTEXT,
+    batch_size_input,
     context_input,
     flow_settings,
-    image_input,
     library_seed,
     model_input,
     sampler_inputs,
@@ -44,9 +50,14 @@ class BAGELTextToImage:
         "be empty: the image is drawn from what the context already asks for (e.g. a Think plan)."
     )
     CATEGORY = f"{CATEGORY}/generate"
-    RETURN_TYPES = ("IMAGE", CONTEXT)
-    RETURN_NAMES = ("image", "context")
-    OUTPUT_TOOLTIPS = ("The generated image.", "The context with the prompt and the image.")
+    RETURN_TYPES = ("IMAGE", CONTEXT, LATENT)
+    RETURN_NAMES = ("image", "context", "latent")
+    OUTPUT_TOOLTIPS = (
+        "The generated images (batch_size of them).",
+        "The context with the prompt and the first image.",
+        "The generated images as a LATENT in the model's autoencoder space (for BAGEL-7B-MoT, FLUX's: "
+        "decodes with VAE Decode and FLUX's ae.safetensors); feeds Edit's latent input or core latent nodes.",
+    )
     FUNCTION = "generate"
 
     @classmethod
@@ -62,33 +73,44 @@ class BAGELTextToImage:
                 "seed": seed_input(),
                 **sampler_inputs(T2I_SETTINGS),
             },
-            "optional": {"context": context_input(), "step_cache": step_cache_input()},
+            "optional": {
+                "context": context_input(),
+                "step_cache": step_cache_input(),
+                "batch_size": batch_size_input("images"),
+            },
         }
 
-    def generate(self, model, prompt, width, height, seed, context=None, **sampler):
-        image, ctx = generate_image(
-            model.ready(),
+    def generate(self, model, prompt, width, height, seed, context=None, batch_size=1, **sampler):
+        bagel = model.ready()
+        out = generate_images(
+            bagel,
             prompt,
             context=context,
             height=height or None,
             width=width or None,
             settings=flow_settings(**sampler),
             seed=library_seed(seed),
+            batch_size=batch_size,
             callback=Progress(),
         )
-        return with_ui((to_image([image]), ctx), ctx)
+        ctx = out.contexts[0]
+        return with_ui((to_image(out.images), ctx, to_latent(bagel, out.latents)), ctx)
 
 
 class BAGELEdit:
     DESCRIPTION = (
         "Edits an image by an instruction. Without an image it edits the context's latest image: chain "
-        "Edits through their contexts for a multi-turn edit. The output keeps the input's size after the "
-        "model's resize rule."
+        "Edits through their contexts for a multi-turn edit. A batch of images (or latents) edits each. The "
+        "output keeps the input's size after the model's resize rule."
     )
     CATEGORY = f"{CATEGORY}/generate"
-    RETURN_TYPES = ("IMAGE", CONTEXT)
-    RETURN_NAMES = ("image", "context")
-    OUTPUT_TOOLTIPS = ("The edited image.", "The context with the instruction and the edited image.")
+    RETURN_TYPES = ("IMAGE", CONTEXT, LATENT)
+    RETURN_NAMES = ("image", "context", "latent")
+    OUTPUT_TOOLTIPS = (
+        "The edited images: one per input image or latent, or batch_size of one image.",
+        "The context with the first item's image, the instruction and its edited image.",
+        "The edited images as a LATENT in the model's autoencoder space (see Text to Image's latent).",
+    )
     FUNCTION = "edit"
 
     @classmethod
@@ -105,20 +127,83 @@ class BAGELEdit:
                 **sampler_inputs(EDIT_SETTINGS),
             },
             "optional": {
-                "image": image_input("The image to edit; unconnected: the context's latest image."),
+                "image": widget(
+                    "IMAGE", "The image to edit, or a batch: each image is edited (image b with seed + b). "
+                    "Unconnected: the context's latest image.",
+                ),
                 "context": context_input(),
                 "step_cache": step_cache_input(),
+                "batch_size": batch_size_input(
+                    "edits of the one image (or of the context's latest image, or the one latent)"
+                ),
+                "latent": widget(
+                    LATENT, "Instead of image: a LATENT to edit (from a BAGEL node or a core latent node; "
+                    "for BAGEL-7B-MoT also VAE Encode with FLUX's ae.safetensors), used as it is for the "
+                    "model's image tokens and decoded for its vision encoder. A batch edits each latent.",
+                ),
             },
         }  # fmt: skip
 
-    def edit(self, model, instruction, seed, image=None, context=None, **sampler):
-        edited, ctx = edit_image(
-            model.ready(),
-            None if image is None else to_pil(image),
-            instruction,
-            context=context,
-            settings=flow_settings(**sampler),
-            seed=library_seed(seed),
-            callback=Progress(),
+    def edit(self, model, instruction, seed, image=None, context=None, batch_size=1, latent=None, **sampler):
+        if image is not None and latent is not None:
+            raise ValueError("image and latent are both connected: connect the one to edit")
+        bagel = model.ready()
+        settings, seed = flow_settings(**sampler), library_seed(seed)
+        if latent is not None:
+            outs = _edit_latents(
+                bagel, from_latent(bagel, latent), instruction, context, settings, seed, batch_size
+            )
+        else:
+            images = None if image is None else to_pils(image)
+            if images is not None:  # edited once each, or one image batch_size times
+                _check_batch(len(images), batch_size, "image")
+                images, batch_size = (images * batch_size if len(images) == 1 else images), 1
+            out = edit_images(
+                bagel,
+                images,
+                instruction,
+                context,
+                settings,
+                seed,
+                batch_size=batch_size,
+                callback=Progress(),
+            )
+            outs = [out]
+        ctx = outs[0].contexts[0]
+        edited = [im for out in outs for im in out.images]
+        latents = torch.cat([out.latents for out in outs])
+        return with_ui((to_image(edited), ctx, to_latent(bagel, latents)), ctx)
+
+
+def _check_batch(items: int, batch_size: int, what: str) -> None:
+    """One item is edited batch_size times; a batch of items once each (batch_size 1, or its length)."""
+    if items > 1 and batch_size not in (1, items):
+        raise ValueError(
+            f"{what} is a batch of {items} and batch_size is {batch_size}: a batch is edited once per item "
+            f"(item b with seed + b), so set batch_size to 1, or connect one {what} to edit it {batch_size} "
+            "times"
         )
-        return with_ui((to_image([edited]), ctx), ctx)
+
+
+def _edit_latents(model, latents, instruction, context, settings, seed, batch_size) -> list[Images]:
+    """Edit each latent (in the model's scaled space), or one latent batch_size times. A latent joins its
+    own copy of the context as it is (the VAE part) and decoded (the ViT part); item b uses seed + b."""
+    _check_batch(len(latents), batch_size, "latent")
+    check_prompt(instruction, "edit instruction")
+    base = start(model, context)
+    runs = (
+        [(latents[0], seed, batch_size)]
+        if len(latents) == 1
+        else [(z, seed + b, 1) for b, z in enumerate(latents)]
+    )
+    progress = Progress(runs=len(runs))
+    outs = []
+    for z, item_seed, n in runs:
+        try:
+            ctx = base.append_image(model.decode_latent(z), latent=z)
+        except ContextError as e:
+            raise ValueError(f"latent: {e}; for a LATENT: Upscale Latent to a size this model takes") from e
+        outs.append(
+            edit_images(model, None, instruction, ctx, settings, item_seed, batch_size=n, callback=progress)
+        )
+    return outs

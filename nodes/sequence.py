@@ -1,17 +1,19 @@
 """Nodes that draw several images in a row: Multi-Frame (motion) and Navigate (views of a world).
 
 Each frame is appended to the context before the next is drawn, so frame k+1 continues frame k. Both
-return the frames as one IMAGE batch plus the context after the last frame.
+return the frames as one IMAGE batch plus the context after the last frame. Multi-Frame's batch_size draws
+several sequences side by side (item b from seed + b), returned item after item in one IMAGE batch.
 """
 
 from __future__ import annotations
 
-from ..bagel_model import EDIT_SETTINGS, generate_sequence
+from ..bagel_model import EDIT_SETTINGS, generate_sequences
 from .comfy_bridge import Progress
 from .images import to_image, to_pil
 from .sockets import (
     CATEGORY,
     CONTEXT,
+    batch_size_input,
     context_input,
     flow_settings,
     image_input,
@@ -41,18 +43,20 @@ def frame_prompts(prompt: str, frames: int) -> list[str]:
     return given + given[-1:] * (frames - len(given))
 
 
-def _sequence(model, prompts, seed, image, context, sampler) -> dict:
-    """The one library call both nodes make: frames from the image / context, then the node outputs."""
-    frames, ctx = generate_sequence(
+def _sequence(model, prompts, seed, image, context, sampler, batch_size=1) -> dict:
+    """The one library call both nodes make: frames from the image / context, then the node outputs (every
+    item's frames in one batch, item-major; the first item's context)."""
+    frames, contexts = generate_sequences(
         model.ready(),
         prompts,
         context=context,
         image=None if image is None else to_pil(image),
         settings=flow_settings(**sampler),
         seed=library_seed(seed),
+        batch_size=batch_size,
         callback=Progress(runs=len(prompts)),
     )
-    return with_ui((to_image(frames), ctx), ctx)
+    return with_ui((to_image([f for item in frames for f in item]), contexts[0]), contexts[0])
 
 
 class BAGELMultiFrame:
@@ -63,7 +67,11 @@ class BAGELMultiFrame:
     CATEGORY = f"{CATEGORY}/sequence"
     RETURN_TYPES = ("IMAGE", CONTEXT)
     RETURN_NAMES = ("frames", "context")
-    OUTPUT_TOOLTIPS = ("The frames as one batch, in order.", "The context after the last frame.")
+    OUTPUT_TOOLTIPS = (
+        "The frames as one batch, in order; with batch_size > 1 every sequence's frames, the first "
+        "sequence's then the second's (frames x batch_size images).",
+        "The context after the last frame (of the first sequence).",
+    )
     FUNCTION = "frames"
 
     @classmethod
@@ -84,11 +92,12 @@ class BAGELMultiFrame:
                 "image": image_input("The starting frame; optional with a context that holds an image."),
                 "context": context_input(),
                 "step_cache": step_cache_input(),
+                "batch_size": batch_size_input("sequences"),
             },
         }  # fmt: skip
 
-    def frames(self, model, prompt, frames, seed, image=None, context=None, **sampler):
-        return _sequence(model, frame_prompts(prompt, frames), seed, image, context, sampler)
+    def frames(self, model, prompt, frames, seed, image=None, context=None, batch_size=1, **sampler):
+        return _sequence(model, frame_prompts(prompt, frames), seed, image, context, sampler, batch_size)
 
 
 class BAGELNavigate:

@@ -43,6 +43,18 @@ def image_input(tooltip: str) -> tuple:
     return widget("IMAGE", tooltip + " One image: batches are refused.")
 
 
+BATCH_MAX = 16
+
+
+def batch_size_input(what: str) -> tuple:
+    """Optional (the last widget, so saved workflows keep their widget order)."""
+    return widget(
+        "INT", f"How many {what} to draw in one run, item b from seed + b (a batch of 1 with that seed gives "
+        "the same result). The context output continues the first item.",
+        default=1, min=1, max=BATCH_MAX,
+    )  # fmt: skip
+
+
 def seed_input() -> tuple:
     return widget(
         "INT",

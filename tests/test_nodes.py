@@ -49,7 +49,7 @@ images = importlib.import_module(f"{PACK}.nodes.images")
 loader = importlib.import_module(f"{PACK}.nodes.loader")
 tiny = importlib.import_module(f"{PACK}.bagel_model.tiny")
 NODES = pack.NODE_CLASS_MAPPINGS
-SOCKETS = {"BAGEL_MODEL", "BAGEL_CONTEXT", "IMAGE"}
+SOCKETS = {"BAGEL_MODEL", "BAGEL_CONTEXT", "IMAGE", "LATENT"}
 
 
 def defaults(node_id: str) -> dict:
@@ -74,6 +74,8 @@ def run(node_id: str, **inputs):
             assert isinstance(value, str)
         elif kind == "BAGEL_CONTEXT":
             assert isinstance(value, lib.Context)
+        elif kind == "LATENT":
+            assert value["samples"].dtype == torch.float32 and value["samples"].ndim == 4
     return out
 
 
@@ -86,7 +88,7 @@ def model():
 @pytest.fixture(scope="module")
 def scene(model):
     """A generated image and its context, the start of most chains below."""
-    return run("BAGELTextToImage", model=model, prompt="a red circle at the center")["result"]
+    return run("BAGELTextToImage", model=model, prompt="a red circle at the center")["result"][:2]
 
 
 # -- registration and declared inputs -------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_pack_imports_by_path_with_nothing_on_sys_path(tmp_path):
     )
     done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "8"
+    assert done.stdout.strip() == str(len(NODES))
 
 
 @pytest.mark.parametrize("node_id", list(NODES))
@@ -168,7 +170,7 @@ def test_sampler_defaults_are_the_official_ones():
 
 def test_text_to_image_returns_one_image_of_the_requested_size(model):
     out = run("BAGELTextToImage", model=model, prompt="a blue square at the top left", width=64, height=48)
-    image, ctx = out["result"]
+    image, ctx, _ = out["result"]
     assert image.shape == (1, 48, 64, 3)
     assert out["ui"]["context"] == [ctx.summary()]
 
@@ -198,7 +200,7 @@ def test_think_plan_then_generate_from_the_context_alone(model):
     thought, ctx = run(
         "BAGELThink", model=model, instruction="draw a shape with three corners", mode="plan-an-image"
     )["result"]
-    image, after = run("BAGELTextToImage", model=model, prompt="", context=ctx)["result"]
+    image, after, _ = run("BAGELTextToImage", model=model, prompt="", context=ctx)["result"]
     assert image.shape[0] == 1 and after.tokens > ctx.tokens
 
 
@@ -210,14 +212,14 @@ def test_edit_chain_of_three_turns_continues_one_session(model, scene):
         "move the green circle to the top left",
         "add a blue square",
     ):
-        edited, ctx = run("BAGELEdit", model=model, instruction=instruction, context=ctx)["result"]
+        edited, ctx, _ = run("BAGELEdit", model=model, instruction=instruction, context=ctx)["result"]
         assert edited.shape == image.shape
         tokens.append(ctx.tokens)
     assert tokens == sorted(tokens) and len(set(tokens)) == 4
 
 
 def test_edit_of_a_given_image_keeps_its_size(model, scene):
-    edited, _ = run("BAGELEdit", model=model, instruction="remove the circle", image=scene[0])["result"]
+    edited, *_ = run("BAGELEdit", model=model, instruction="remove the circle", image=scene[0])["result"]
     assert edited.shape == scene[0].shape
 
 
@@ -328,7 +330,6 @@ def test_empty_prompt_needs_a_context(model):
 def test_image_batches_are_refused_with_a_way_out(model, scene):
     batch = scene[0].repeat(2, 1, 1, 1)
     for node_id, inputs in [
-        ("BAGELEdit", {"instruction": "make it blue"}),
         ("BAGELUnderstand", {}),
         ("BAGELNavigate", {}),
     ]:
@@ -581,11 +582,12 @@ def fake_comfy(interrupt_at: int | None = None) -> tuple[dict, list]:
 
     class ProgressBar:
         def __init__(self, total):
-            self.total, self.values = total, []
+            self.total, self.values, self.totals = total, [], []
             bars.append(self)
 
         def update_absolute(self, value, total=None, preview=None):
             self.values.append(value)
+            self.totals.append(self.total if total is None else total)
 
     def check():
         calls["n"] += 1
@@ -685,6 +687,138 @@ def test_api_workflow_gives_every_required_input_of_our_nodes(path):
             required = NODES[node["class_type"]].INPUT_TYPES()["required"]
             missing = set(required) - set(node["inputs"])
             assert not missing, f"{path.name} node {node_id} lacks {missing}"
+
+
+# -- batches ----------------------------------------------------------------------------------------------
+
+
+def sampler_settings(node_id: str):
+    """The library settings a node samples with at its defaults (and FAST's steps)."""
+    flow_settings = pack.nodes.sockets.flow_settings
+    knobs = inspect.signature(flow_settings).parameters
+    return flow_settings(**{k: v for k, v in defaults(node_id).items() if k in knobs})
+
+
+@pytest.fixture(scope="module")
+def two_scenes(model):
+    """Two generated 64 px images as one IMAGE batch."""
+    first = run("BAGELTextToImage", model=model, prompt="a red circle at the top left")["result"][0]
+    second = run("BAGELTextToImage", model=model, prompt="a blue square at the bottom right")["result"][0]
+    return torch.cat([first, second])
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Pixels within 1/255 (a batch runs the same passes side by side: float rounding may differ)."""
+    return a.shape == b.shape and bool(((a - b).abs() <= 1 / 255 + 1e-6).all())
+
+
+def test_text_to_image_batch_equals_one_by_one_from_consecutive_seeds(model):
+    prompt = "a green triangle at the center"
+    batch, ctx, latent = run("BAGELTextToImage", model=model, prompt=prompt, seed=5, batch_size=3)["result"]
+    assert batch.shape[0] == 3 and latent["samples"].shape[0] == 3
+    for b in range(3):
+        single, single_ctx, single_latent = run("BAGELTextToImage", model=model, prompt=prompt, seed=5 + b)[
+            "result"
+        ]
+        assert close(batch[b : b + 1], single)
+        assert torch.allclose(latent["samples"][b : b + 1], single_latent["samples"], atol=1e-4)
+        if b == 0:  # the context output continues the first item
+            assert ctx.summary() == single_ctx.summary()
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_edit_batches_equal_one_by_one(model, scene, two_scenes):
+    instruction = "make the circle green"
+
+    def edit(**inputs):
+        return run("BAGELEdit", model=model, instruction=instruction, **inputs)["result"][0]
+
+    each = edit(image=two_scenes, seed=4)  # an IMAGE batch: each image, image b with seed + b
+    assert close(each[:1], edit(image=two_scenes[:1], seed=4))
+    assert close(each[1:], edit(image=two_scenes[1:], seed=5))
+    repeated = edit(image=scene[0], seed=4, batch_size=2)  # one image, two seeds
+    assert close(repeated[1:], edit(image=scene[0], seed=5)) and not torch.equal(repeated[0], repeated[1])
+    latest = edit(context=scene[1], seed=4, batch_size=2)  # the context's latest image, two seeds
+    assert close(latest[1:], edit(context=scene[1], seed=5))
+    with pytest.raises(ValueError, match="image is a batch of 2 and batch_size is 3: .* set batch_size to 1"):
+        edit(image=two_scenes, batch_size=3)
+
+
+def test_multi_frame_batch_returns_every_sequence_item_after_item(model, scene):
+    inputs = {"model": model, "frames": 2, "image": scene[0], "seed": 9}
+    frames, ctx = run("BAGELMultiFrame", **inputs, batch_size=2)["result"]
+    first, first_ctx = run("BAGELMultiFrame", **inputs)["result"]
+    second, _ = run("BAGELMultiFrame", **{**inputs, "seed": 10})["result"]
+    assert frames.shape[0] == 4
+    assert close(frames[:2], first) and close(frames[2:], second)
+    assert ctx.summary() == first_ctx.summary()
+
+
+# -- LATENT ------------------------------------------------------------------------------------------------
+
+
+def test_latent_output_is_the_autoencoders_raw_space_and_decodes_to_the_image(model):
+    bagel = model.model
+    prompt = "a red circle at the center"
+    image, _, latent = run("BAGELTextToImage", model=model, prompt=prompt, seed=1)["result"]
+    library = lib.generate_images(bagel, prompt, settings=sampler_settings("BAGELTextToImage"), seed=1)
+    samples = latent["samples"]
+    assert torch.allclose(samples, bagel.vae.to_raw(library.latents), atol=1e-6)
+    assert torch.allclose(bagel.vae.from_raw(samples), library.latents, atol=1e-5)
+    # What VAE Decode does with a LATENT: the autoencoder's decoder on it as it is, then (x + 1) / 2.
+    with torch.no_grad():
+        decoded = bagel.vae.decoder(samples.to(bagel.vae.dtype))
+    pixels = ((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    assert (pixels - image).abs().max() <= 1 / 255
+
+
+def test_edit_of_a_latent_uses_it_as_is_for_the_image_tokens(model):
+    bagel = model.model
+    _, _, latent = run("BAGELTextToImage", model=model, prompt="a red circle at the center", seed=1)["result"]
+    edited, ctx, out_latent = run(
+        "BAGELEdit", model=model, instruction="make it blue", latent=latent, seed=6
+    )["result"]
+    z = bagel.vae.from_raw(latent["samples"])[0]
+    expected_ctx = lib.Context.empty(bagel).append_image(bagel.decode_latent(z), latent=z)
+    settings = sampler_settings("BAGELEdit")
+    expected, _ = lib.edit_image(bagel, None, "make it blue", context=expected_ctx, settings=settings, seed=6)
+    assert torch.equal(edited, images.to_image([expected]))
+    assert [s.kind for s in ctx.cond.segments] == ["vae", "vit", "text", "vae", "vit"]
+    assert out_latent["samples"].shape == latent["samples"].shape
+
+
+def test_edit_of_a_latent_batch_edits_each_and_a_larger_latent_gives_a_larger_image(model):
+    _, _, latent = run("BAGELTextToImage", model=model, prompt="a red circle", seed=1, batch_size=2)["result"]
+    both, *_ = run("BAGELEdit", model=model, instruction="make it blue", latent=latent, seed=3)["result"]
+    second, *_ = run(
+        "BAGELEdit",
+        model=model,
+        instruction="make it blue",
+        latent={"samples": latent["samples"][1:]},
+        seed=4,
+    )["result"]
+    assert both.shape[0] == 2 and close(both[1:], second)
+    upscaled = {"samples": torch.nn.functional.interpolate(latent["samples"][:1], scale_factor=2.0)}
+    bigger, _, bigger_latent = run("BAGELEdit", model=model, instruction="make it blue", latent=upscaled)[
+        "result"
+    ]
+    assert bigger.shape == (1, 128, 128, 3) and bigger_latent["samples"].shape == (1, 16, 16, 16)
+
+
+def test_latent_inputs_a_model_cannot_take_are_named(model, scene):
+    channels = model.model.config.latent_channels
+    with pytest.raises(
+        ValueError, match=f"latent has 4 channels, but this model's autoencoder has {channels}"
+    ):
+        run("BAGELEdit", model=model, instruction="x", latent={"samples": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(ValueError, match="latent must be a ComfyUI LATENT of images"):
+        run("BAGELEdit", model=model, instruction="x", latent={"samples": torch.zeros(1, channels, 2, 8, 8)})
+    with pytest.raises(ValueError, match="^latent: a latent of 40x40 pixels is outside"):
+        run("BAGELEdit", model=model, instruction="x", latent={"samples": torch.zeros(1, channels, 5, 5)})
+    with pytest.raises(ValueError, match="image and latent are both connected"):
+        run("BAGELEdit", model=model, instruction="x", image=scene[0], latent={"samples": torch.zeros(1)})
+    with pytest.raises(ValueError, match="edit instruction is empty"):
+        run("BAGELEdit", model=model, instruction=" ", latent={"samples": torch.zeros(1, channels, 4, 4)})
 
 
 # -- loader: fine-tune folders and single files -----------------------------------------------------------
