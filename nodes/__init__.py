@@ -7,9 +7,11 @@ workflows refer to them), so they are never renamed or reordered, and new inputs
 from __future__ import annotations
 
 from . import comfy_bridge
+from .context import BAGELContextAddImages, BAGELContextAddText
 from .generate import BAGELEdit, BAGELTextToImage
 from .loader import BAGELLoader
 from .lora import BAGELLoraLoader
+from .reason import BAGELReason
 from .sequence import BAGELMultiFrame, BAGELNavigate
 from .text import BAGELThink, BAGELUnderstand
 
@@ -21,6 +23,9 @@ NODES = {
     "BAGELEdit": (BAGELEdit, "BAGEL Edit"),
     "BAGELMultiFrame": (BAGELMultiFrame, "BAGEL Multi-Frame"),
     "BAGELNavigate": (BAGELNavigate, "BAGEL Navigate"),
+    "BAGELContextAddText": (BAGELContextAddText, "BAGEL Context Add Text"),
+    "BAGELContextAddImages": (BAGELContextAddImages, "BAGEL Context Add Images"),
+    "BAGELReason": (BAGELReason, "BAGEL Reason"),
     "BAGELLoraLoader": (BAGELLoraLoader, "BAGEL LoRA Loader"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}

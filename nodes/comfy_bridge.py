@@ -165,12 +165,14 @@ class Progress:
     Each call is one decoded token or one denoising step. It checks ComfyUI's interrupt flag first (so
     "Cancel" stops a run within one step or token: the exception propagates out of the library task,
     which leaves every context untouched), then advances the node's progress bar. `runs` joins several
-    denoising loops (one per frame) into one bar.
+    loops of one length (one per frame, one per edited latent) into one bar; `runs=None` is for a number
+    of loops of different lengths known only as they come (a reasoning loop's text segments and images):
+    the bar then shows the current loop, starting again at each.
 
     No step previews: a faithful one costs a decode through the model's autoencoder at every step, and
     ComfyUI's cheap latent-to-RGB factors fit only the official FLUX autoencoder, not the bundled model's."""
 
-    def __init__(self, runs: int = 1):
+    def __init__(self, runs: int | None = 1):
         self._runs = runs
         self._done = 0
         self._bar = None
@@ -182,7 +184,24 @@ class Progress:
         if self._check_interrupt is not None:
             self._check_interrupt()
         self._done += 1
-        if self._utils is not None:
+        if self._utils is None:
+            return
+        if self._runs is None:
             if self._bar is None:
-                self._bar = self._utils.ProgressBar(total * self._runs)
-            self._bar.update_absolute(self._done)
+                self._bar = self._utils.ProgressBar(total)
+            self._bar.update_absolute(step, total)
+            return
+        if self._bar is None:
+            self._bar = self._utils.ProgressBar(total * self._runs)
+        self._bar.update_absolute(self._done)
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+
+def no_output() -> object:
+    """What a node returns on an output that has nothing this run: ComfyUI's silent `ExecutionBlocker`, so
+    the nodes fed by that output are skipped without an error (and the node's other outputs still flow);
+    None outside ComfyUI."""
+    graph_utils = _comfy("comfy_execution.graph_utils")
+    return None if graph_utils is None else graph_utils.ExecutionBlocker(None)

@@ -9,6 +9,8 @@ Nothing here runs a model.
 from __future__ import annotations
 
 from ..bagel_model import Context, FlowSettings, TextSettings, sampling
+from ..bagel_model.engine import STOP_BUDGET, STOP_WINDOW
+from ..bagel_model.reasoning import STOP_ROUNDS
 from ..bagel_model.sampling import RENORM_TYPES
 
 MODEL = "BAGEL_MODEL"
@@ -178,6 +180,20 @@ def text_settings(max_new_tokens: int, do_sample: bool, temperature: float) -> T
 
 
 # -- outputs ------------------------------------------------------------------------------------------
+
+
+STOP_NOTES = {
+    STOP_BUDGET: "it reached max_new_tokens",
+    STOP_WINDOW: "the model's position window is full",
+    STOP_ROUNDS: "max_rounds images were drawn and the last segment asked for another",
+}
+
+
+def with_stop(text: str, stop: str) -> str:
+    """`text` as the node shows it: followed by why decoding stopped when the model did not end it (the
+    STRING output keeps the text alone)."""
+    note = STOP_NOTES.get(stop)
+    return text if note is None else f"{text}\n[stopped: {note}]"
 
 
 def with_ui(result: tuple, context: Context, text: str | None = None) -> dict:

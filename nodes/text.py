@@ -1,6 +1,7 @@
 """Nodes that write text: Understand (answer a question) and Think (plan or reason before acting).
 
-Both show their text on the node (web/bagel.js) and are output nodes, so they run even when nothing is
+Both show their text on the node (web/bagel.js), with a note when decoding stopped before the model ended
+the text (max_new_tokens, the position window), and are output nodes, so they run even when nothing is
 connected to their outputs.
 """
 
@@ -21,6 +22,7 @@ from .sockets import (
     text_inputs,
     text_settings,
     widget,
+    with_stop,
     with_ui,
 )
 
@@ -61,7 +63,7 @@ class BAGELUnderstand:
             seed=library_seed(seed),
             callback=Progress(),
         )
-        return with_ui((answer, ctx), ctx, answer)
+        return with_ui((answer, ctx), ctx, with_stop(answer, answer.stop))
 
 
 class BAGELThink:
@@ -110,4 +112,4 @@ class BAGELThink:
             seed=library_seed(seed),
             callback=Progress(),
         )
-        return with_ui((thought, ctx), ctx, thought)
+        return with_ui((thought, ctx), ctx, with_stop(thought, thought.stop))

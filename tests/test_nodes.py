@@ -94,20 +94,57 @@ def scene(model):
 # -- registration and declared inputs -------------------------------------------------------------------
 
 
-def test_pack_registers_eight_prefixed_nodes_and_a_web_folder():
-    assert list(NODES) == [
-        "BAGELLoader",
-        "BAGELUnderstand",
-        "BAGELThink",
-        "BAGELTextToImage",
-        "BAGELEdit",
-        "BAGELMultiFrame",
-        "BAGELNavigate",
-        "BAGELLoraLoader",
-    ]
+SAMPLER = [
+    "steps",
+    "cfg_text_scale",
+    "cfg_img_scale",
+    "cfg_interval_start",
+    "cfg_interval_end",
+    "timestep_shift",
+    "cfg_renorm_type",
+    "cfg_renorm_min",
+]
+TEXT = ["max_new_tokens", "do_sample", "temperature"]
+# Every published node and its inputs in the order saved UI workflows store them (required, then optional):
+# a node may only gain inputs after these.
+PUBLISHED = {
+    "BAGELLoader": [
+        "model_name", "dtype", "attention", "download_if_missing", "repo_id", "weights", "vae_name"
+    ],
+    "BAGELUnderstand": ["model", "question", *TEXT, "seed", "image", "context"],
+    "BAGELThink": ["model", "instruction", "mode", *TEXT, "seed", "image", "context"],
+    "BAGELTextToImage": [
+        "model", "prompt", "width", "height", "seed", *SAMPLER, "context", "step_cache", "batch_size"
+    ],
+    "BAGELEdit": [
+        "model", "instruction", "seed", *SAMPLER, "image", "context", "step_cache", "batch_size", "latent"
+    ],
+    "BAGELMultiFrame": [
+        "model", "prompt", "frames", "seed", *SAMPLER, "image", "context", "step_cache", "batch_size"
+    ],
+    "BAGELNavigate": ["model", "actions", "seed", *SAMPLER, "image", "context", "step_cache"],
+    "BAGELContextAddText": ["model", "text", "context"],
+    "BAGELContextAddImages": ["model", "images", "mode", "context"],
+    "BAGELReason": [
+        "model", "question", "mode", "max_rounds", *TEXT, "seed", *SAMPLER, "image", "context", "step_cache"
+    ],
+    "BAGELLoraLoader": ["model", "lora_name", "strength"],
+}  # fmt: skip
+
+
+def test_pack_registers_its_published_prefixed_nodes_and_a_web_folder():
+    assert set(PUBLISHED) <= set(NODES)
+    assert all(node_id.startswith("BAGEL") for node_id in NODES)
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
     assert all(name.startswith("BAGEL ") for name in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
     assert list((ROOT / pack.WEB_DIRECTORY).glob("*.js"))
+
+
+@pytest.mark.parametrize("node_id", list(PUBLISHED))
+def test_published_inputs_keep_their_names_and_order(node_id):
+    spec = NODES[node_id].INPUT_TYPES()
+    declared = [*spec["required"], *spec.get("optional", {})]
+    assert declared[: len(PUBLISHED[node_id])] == PUBLISHED[node_id]
 
 
 def test_pack_imports_by_path_with_nothing_on_sys_path(tmp_path):
@@ -332,6 +369,7 @@ def test_image_batches_are_refused_with_a_way_out(model, scene):
     for node_id, inputs in [
         ("BAGELUnderstand", {}),
         ("BAGELNavigate", {}),
+        ("BAGELReason", {"question": "where is the circle?"}),
     ]:
         with pytest.raises(ValueError, match="batch of 2 images.*ImageFromBatch"):
             run(node_id, model=model, image=batch, **inputs)
@@ -819,6 +857,168 @@ def test_latent_inputs_a_model_cannot_take_are_named(model, scene):
         run("BAGELEdit", model=model, instruction="x", image=scene[0], latent={"samples": torch.zeros(1)})
     with pytest.raises(ValueError, match="edit instruction is empty"):
         run("BAGELEdit", model=model, instruction=" ", latent={"samples": torch.zeros(1, channels, 4, 4)})
+
+
+# -- composing a context by hand --------------------------------------------------------------------------
+
+
+def test_context_add_images_and_text_equal_the_same_appends_in_the_library(model, two_scenes):
+    bagel = model.model
+    (ctx,) = run("BAGELContextAddImages", model=model, images=two_scenes, mode="vae+vit")["result"]
+    (ctx,) = run(
+        "BAGELContextAddText", model=model, text="put the circle into the second image", context=ctx
+    )["result"]
+    expected = lib.Context.empty(bagel)
+    for picture in images.to_pils(two_scenes):
+        expected = expected.append_image(picture)
+    expected = expected.append_text("put the circle into the second image")
+    assert [s.kind for s in ctx.cond.segments] == ["vae", "vit", "vae", "vit", "text"]
+    assert ctx.summary() == expected.summary()
+
+    answer, _ = run("BAGELUnderstand", model=model, question="how many shapes are there?", context=ctx)[
+        "result"
+    ]
+    settings = lib.TextSettings(max_new_tokens=FAST["max_new_tokens"])
+    assert (
+        answer == lib.understand(bagel, "how many shapes are there?", context=expected, settings=settings)[0]
+    )
+
+    drawn, *_ = run("BAGELTextToImage", model=model, prompt="", context=ctx, seed=3)["result"]
+    settings = sampler_settings("BAGELTextToImage")
+    library, _ = lib.generate_image(bagel, None, context=expected, settings=settings, seed=3)
+    assert torch.equal(drawn, images.to_image([library]))
+
+
+def test_context_add_images_vit_mode_appends_the_vision_part_only(model, two_scenes):
+    (ctx,) = run("BAGELContextAddImages", model=model, images=two_scenes, mode="vit")["result"]
+    assert [s.kind for s in ctx.cond.segments] == ["vit", "vit"]
+    answer, _ = run("BAGELUnderstand", model=model, question="what is in the second image?", context=ctx)[
+        "result"
+    ]
+    assert answer.strip()
+
+
+def test_context_nodes_never_modify_the_context_they_are_given(model, scene):
+    base = scene[1]
+    before = (base.summary(), [s.kv for s in base.cond.segments])
+    (once,) = run("BAGELContextAddText", model=model, text="make it bigger", context=base)["result"]
+    (again,) = run("BAGELContextAddText", model=model, text="make it bigger", context=base)["result"]
+    (with_image,) = run("BAGELContextAddImages", model=model, images=scene[0], mode="vae+vit", context=base)[
+        "result"
+    ]
+    assert (base.summary(), [s.kv for s in base.cond.segments]) == before
+    assert once is not again and once.summary() == again.summary()
+    assert with_image.tokens > base.tokens
+    first = run("BAGELEdit", model=model, instruction="", context=once, seed=2)["result"][0]
+    second = run("BAGELEdit", model=model, instruction="", context=again, seed=2)["result"][0]
+    assert torch.equal(first, second)
+
+
+def test_context_add_text_refuses_empty_text(model):
+    with pytest.raises(lib.ContextError, match="text to append is empty"):
+        run("BAGELContextAddText", model=model, text="  ")
+
+
+# -- Reason, and why decoding stopped -------------------------------------------------------------------
+
+
+STOP = importlib.import_module(f"{PACK}.bagel_model.engine")
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """Install `segments` (text, or (text, stop)) as the reasoning loop's decoder (the bundled model writes
+    no protocol text of its own); each segment reports two tokens to the callback, as decoding does."""
+
+    def install(*segments):
+        queue = [s if isinstance(s, tuple) else (s, STOP.STOP_END) for s in segments]
+
+        def decode(model, history, settings, seed=0, callback=None):
+            text, stop = queue.pop(0)
+            for step in (1, 2):
+                if callback is not None:
+                    callback(step, 2, text)
+            return STOP.Answer(text, stop)
+
+        monkeypatch.setattr(lib.reasoning, "decode_text", decode)
+
+    return install
+
+
+def reason_node(model, **inputs) -> dict:
+    cls = NODES["BAGELReason"]
+    return cls().reason(**{**defaults("BAGELReason"), "model": model, "question": "where is it?", **inputs})
+
+
+def test_reason_draws_what_the_model_asks_for_and_shows_the_transcript(model, scene, script):
+    script("<think>move it right</think><image_start>", "<answer>at the right</answer>")
+    out = reason_node(model, image=scene[0], mode="thinkmorph", seed=3)
+    answer, transcript, drawn, ctx = out["result"]
+    assert answer == "at the right"
+    assert transcript == "<think>move it right</think><image_start>\n[image 1]\n<answer>at the right</answer>"
+    assert drawn.shape == (1, *scene[0].shape[1:])
+    assert out["ui"] == {"context": [ctx.summary()], "text": [transcript]}
+    # the picture is the one the library's loop draws with the node's settings
+    script("<think>move it right</think><image_start>", "<answer>at the right</answer>")
+    expected = lib.reason(
+        model.model, "where is it?", image=images.to_pil(scene[0]), seed=3,
+        text_settings=lib.TextSettings(FAST["max_new_tokens"], True, 0.3),
+        flow_settings=sampler_settings("BAGELReason"),
+    )  # fmt: skip
+    assert torch.equal(drawn, images.to_image(expected.images))
+    assert ctx.summary() == expected.context.summary()
+
+
+def test_reason_without_pictures_blocks_its_images_output_and_notes_a_cut(model, scene, script):
+    script(("no picture needed, it is at the", STOP.STOP_BUDGET))
+    modules, _ = fake_comfy()
+    graph_utils = types.ModuleType("comfy_execution.graph_utils")
+    graph_utils.ExecutionBlocker = type("ExecutionBlocker", (), {"__init__": lambda s, m: setattr(s, "m", m)})
+    package = types.ModuleType("comfy_execution")
+    package.__path__ = []
+    modules.update({"comfy_execution": package, "comfy_execution.graph_utils": graph_utils})
+    with mock.patch.dict(sys.modules, modules):
+        out = reason_node(model, image=scene[0], mode="zebra-cot")
+    answer, transcript, drawn, _ = out["result"]
+    assert isinstance(drawn, graph_utils.ExecutionBlocker) and drawn.m is None  # skipped silently downstream
+    assert answer == transcript == "no picture needed, it is at the"
+    assert out["ui"]["text"] == [transcript + "\n[stopped: it reached max_new_tokens]"]
+
+
+def test_reason_at_max_rounds_says_so(model, scene, script):
+    script("draw it", "draw it again", "and again")
+    out = reason_node(model, image=scene[0], mode="zebra-cot", max_rounds=2)
+    assert out["result"][2].shape[0] == 2
+    assert out["ui"]["text"][0].endswith(
+        "[stopped: max_rounds images were drawn and the last segment asked for another]"
+    )
+
+
+def test_reason_progress_follows_each_round_and_cancel_stops_it(model, scene, script):
+    script("<image_start>", "<answer>x</answer>")
+    modules, bars = fake_comfy()
+    with mock.patch.dict(sys.modules, modules):
+        reason_node(model, image=scene[0], steps=4)
+    (bar,) = bars  # one bar, restarted by each text segment and picture (3 evaluated steps)
+    shown = list(zip(bar.values, bar.totals, strict=True))
+    assert shown == [(1, 2), (2, 2), (1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]
+    script("<image_start>", "<answer>x</answer>")
+    ctx = scene[1]
+    before = ctx.summary()
+    modules, _ = fake_comfy(interrupt_at=4)  # in the picture's denoising
+    with mock.patch.dict(sys.modules, modules), pytest.raises(Interrupted):
+        reason_node(model, context=ctx)
+    assert ctx.summary() == before
+
+
+def test_understand_and_think_note_a_cut_answer_on_the_node_only(model, scene, monkeypatch):
+    monkeypatch.setattr(lib.tasks, "decode_text", lambda *a, **k: STOP.Answer("a red", STOP.STOP_WINDOW))
+    for node_id, inputs in [("BAGELUnderstand", {}), ("BAGELThink", {"instruction": "why?"})]:
+        out = run(node_id, model=model, context=scene[1], **inputs)
+        assert out["result"][0] == "a red"
+        assert out["ui"]["text"] == ["a red\n[stopped: the model's position window is full]"]
+    monkeypatch.setattr(lib.tasks, "decode_text", lambda *a, **k: STOP.Answer("a red circle", STOP.STOP_END))
+    assert run("BAGELUnderstand", model=model, context=scene[1])["ui"]["text"] == ["a red circle"]
 
 
 # -- loader: fine-tune folders and single files -----------------------------------------------------------
