@@ -55,6 +55,7 @@ from .config import (
     read_json,
 )
 from .layers.attention import check_backend
+from .layers.ops import TORCH, Ops
 from .layers.vae import AutoEncoder
 from .model import Bagel, BagelModel
 from .offload import dispatch
@@ -518,6 +519,7 @@ def load(
     device_map: str | dict[str, str | int] | None = None,
     max_memory: dict[str | int, str] | None = None,
     offload_folder: Path | str | None = None,
+    ops: Ops = TORCH,
 ) -> BagelModel:
     """Load a BAGEL model folder or single file (layouts: module docstring). Strict: any missing, extra
     or mis-shaped tensor is an error.
@@ -528,7 +530,8 @@ def load(
     a single file needs both, a folder uses its own unless they are given. `device_map`, `max_memory`
     and `offload_folder` spread the decoder over devices or offload it to the CPU and disk in accelerate's
     vocabulary (`offload.dispatch`; the map is "auto" when only a budget is given); the weights stream to
-    the CPU first, then into place. Unusable choices are refused here, before any weight is read."""
+    the CPU first, then into place. `ops` are the layer classes to build with (`layers.ops`; a host's own,
+    e.g. ComfyUI's). Unusable choices are refused here, before any weight is read."""
     check_backend(attention)
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weight mode {weights!r} is unknown; choose one of {', '.join(WEIGHT_MODES)}")
@@ -544,7 +547,7 @@ def load(
     ae = read_weights(_ae_file(ckpt, vae))
     bpe = _tokenizer(ckpt, tokenizer, cfg)
     with torch.device("meta"), _NoInitOnMeta():
-        net, autoencoder = Bagel(cfg), AutoEncoder(cfg.vae)
+        net, autoencoder = Bagel(cfg, ops), AutoEncoder(cfg.vae, ops)
     stream_weights(
         net, ckpt.weights, torch.device("cpu") if device_map else device, dtype, weights, ckpt.hint
     )

@@ -29,6 +29,7 @@ from .images import flattened_position_ids, from_tensor, patchify
 from .layers.attention import Backend
 from .layers.decoder import KV, KVCache, LanguageModel, Routing
 from .layers.embeddings import PositionTable, TimestepEmbedder
+from .layers.ops import TORCH, Ops
 from .layers.vae import AutoEncoder
 from .layers.vit import SiglipVisionModel
 from .tokenizer import BagelTokenizer
@@ -37,27 +38,27 @@ from .tokenizer import BagelTokenizer
 class Connector(nn.Module):
     """ViT features -> decoder width (official `MLPconnector` with tanh-GELU)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, ops: Ops = TORCH):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, out_dim)
-        self.fc2 = nn.Linear(out_dim, out_dim)
+        self.fc1 = ops.Linear(in_dim, out_dim)
+        self.fc2 = ops.Linear(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class Bagel(nn.Module):
-    def __init__(self, cfg: BagelConfig):
+    def __init__(self, cfg: BagelConfig, ops: Ops = TORCH):
         super().__init__()
         self.config = cfg
         d = cfg.llm.hidden_size
-        self.language_model = LanguageModel(cfg.llm)
-        self.time_embedder = TimestepEmbedder(d, cfg.timestep_freq_dim)
-        self.vae2llm = nn.Linear(cfg.patch_latent_dim, d)
-        self.llm2vae = nn.Linear(d, cfg.patch_latent_dim)
+        self.language_model = LanguageModel(cfg.llm, ops)
+        self.time_embedder = TimestepEmbedder(d, cfg.timestep_freq_dim, ops)
+        self.vae2llm = ops.Linear(cfg.patch_latent_dim, d)
+        self.llm2vae = ops.Linear(d, cfg.patch_latent_dim)
         self.latent_pos_embed = PositionTable(cfg.max_latent_size, d)
-        self.vit_model = SiglipVisionModel(cfg.vit)
-        self.connector = Connector(cfg.vit.hidden_size, d)
+        self.vit_model = SiglipVisionModel(cfg.vit, ops)
+        self.connector = Connector(cfg.vit.hidden_size, d, ops)
         self.vit_pos_embed = PositionTable(cfg.vit_max_num_patch_per_side, d)
         self.attn_backend: Backend = "auto"  # a setting (chosen at load), not state
         # Set by `place` when accelerate spreads or offloads the weights (offload.py); else None: the
@@ -65,8 +66,9 @@ class Bagel(nn.Module):
         self._execution: torch.device | None = None
         self._layer_devices: list[torch.device] | None = None
 
-    def place(self, execution: torch.device, layer_devices: list[torch.device]) -> None:
-        """Record where inputs are made and where each decoder layer runs (its K/V cache lives there)."""
+    def place(self, execution: torch.device, layer_devices: list[torch.device] | None = None) -> None:
+        """Record where inputs are made and where each decoder layer runs (its K/V cache lives there;
+        None: all at `execution`), for weights that a memory manager keeps elsewhere between forwards."""
         self._execution, self._layer_devices = execution, layer_devices
 
     @property
@@ -175,8 +177,14 @@ class BagelModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the decoder's weights are: inputs are made there."""
+        """Where inputs are made: the decoder's execution device."""
         return self.net.device
+
+    def place(self, execution: torch.device) -> None:
+        """Run everything on `execution`, wherever a memory manager keeps the weights between forwards
+        (ComfyUI's partial loading leaves some on the CPU and brings each in for its forward)."""
+        self.net.place(execution)
+        self.vae.place(execution)
 
     @device.setter
     def device(self, _: torch.device) -> None:

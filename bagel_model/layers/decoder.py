@@ -20,6 +20,7 @@ from torch import nn
 from ..config import LLMConfig
 from .attention import Backend, attention
 from .embeddings import apply_rope, rope_cos_sin
+from .ops import TORCH, Ops
 
 
 @dataclass(frozen=True)
@@ -131,33 +132,19 @@ class KVCache:
         )
 
 
-class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, ops: Ops = TORCH):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = ops.Linear(hidden, inner, bias=False)
+        self.up_proj = ops.Linear(hidden, inner, bias=False)
+        self.down_proj = ops.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoTAttention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, ops: Ops = TORCH):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
             cfg.num_attention_heads,
@@ -167,12 +154,12 @@ class MoTAttention(nn.Module):
         self.rope_theta = cfg.rope_theta
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for suffix in ("", "_moe_gen"):
-            setattr(self, f"q_proj{suffix}", nn.Linear(cfg.hidden_size, q_dim))
-            setattr(self, f"k_proj{suffix}", nn.Linear(cfg.hidden_size, kv_dim))
-            setattr(self, f"v_proj{suffix}", nn.Linear(cfg.hidden_size, kv_dim))
-            setattr(self, f"o_proj{suffix}", nn.Linear(q_dim, cfg.hidden_size, bias=False))
-            setattr(self, f"q_norm{suffix}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
-            setattr(self, f"k_norm{suffix}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
+            setattr(self, f"q_proj{suffix}", ops.Linear(cfg.hidden_size, q_dim))
+            setattr(self, f"k_proj{suffix}", ops.Linear(cfg.hidden_size, kv_dim))
+            setattr(self, f"v_proj{suffix}", ops.Linear(cfg.hidden_size, kv_dim))
+            setattr(self, f"o_proj{suffix}", ops.Linear(q_dim, cfg.hidden_size, bias=False))
+            setattr(self, f"q_norm{suffix}", ops.RMSNorm(self.head_dim, cfg.rms_norm_eps))
+            setattr(self, f"k_norm{suffix}", ops.RMSNorm(self.head_dim, cfg.rms_norm_eps))
 
     def _qkv(self, suffix: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """One expert's projections + QK-norm, packed as (n, heads + 2*kv_heads, d) for routing."""
@@ -214,15 +201,15 @@ class MoTAttention(nn.Module):
 
 
 class MoTDecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, ops: Ops = TORCH):
         super().__init__()
-        self.self_attn = MoTAttention(cfg)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.mlp_moe_gen = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.input_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MoTAttention(cfg, ops)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.mlp_moe_gen = MLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.input_layernorm = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm_moe_gen = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, positions, routing: Routing, caches, causal: bool, backend: Backend, mask=None):
         h = routing.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
@@ -238,12 +225,12 @@ class MoTDecoderLayer(nn.Module):
 class MoTDecoder(nn.Module):
     """`language_model.model` of the checkpoint: embeddings, layers, and the two final norms."""
 
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, ops: Ops = TORCH):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
+        self.norm = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
         self,
@@ -274,7 +261,7 @@ class MoTDecoder(nn.Module):
 class LanguageModel(nn.Module):
     """`language_model` of the checkpoint: the decoder plus an untied `lm_head`."""
 
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, ops: Ops = TORCH):
         super().__init__()
-        self.model = MoTDecoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = MoTDecoder(cfg, ops)
+        self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ops import TORCH, Ops
+
 
 def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
     """(grid*grid, dim) float32 table; row r*grid + c encodes (row r, column c)."""
@@ -41,17 +43,18 @@ class PositionTable(nn.Module):
         self.register_buffer("pos_embed", torch.empty(grid * grid, dim))
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.pos_embed[position_ids]
+        # A memory manager that loads the model partly may leave this buffer on another device.
+        return self.pos_embed.to(position_ids.device)[position_ids]
 
 
 class TimestepEmbedder(nn.Module):
     """Flow time t in [0, 1] (not scaled by 1000) -> hidden vector, DiT style with cos before sin."""
 
-    def __init__(self, hidden_size: int, freq_dim: int = 256):
+    def __init__(self, hidden_size: int, freq_dim: int = 256, ops: Ops = TORCH):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            ops.Linear(freq_dim, hidden_size), nn.SiLU(), ops.Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

@@ -23,26 +23,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import VAEConfig
+from .ops import TORCH, Ops
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+def _norm(c: int, ops: Ops) -> nn.Module:
+    return ops.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
 
 
-def _conv3(c_in: int, c_out: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+def _conv3(c_in: int, c_out: int, ops: Ops) -> nn.Module:
+    return ops.Conv2d(c_in, c_out, kernel_size=3, padding=1)
 
 
 class ResnetBlock(nn.Module):
     """norm, swish, conv, twice, plus a residual; a 1x1 `nin_shortcut` only where the width changes."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, ops: Ops = TORCH):
         super().__init__()
-        self.norm1 = _norm(c_in)
-        self.conv1 = _conv3(c_in, c_out)
-        self.norm2 = _norm(c_out)
-        self.conv2 = _conv3(c_out, c_out)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
+        self.norm1 = _norm(c_in, ops)
+        self.conv1 = _conv3(c_in, c_out, ops)
+        self.norm2 = _norm(c_out, ops)
+        self.conv2 = _conv3(c_out, c_out, ops)
+        self.nin_shortcut = ops.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -53,13 +54,13 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h * w positions, with 1x1 convolutions as projections."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, ops: Ops = TORCH):
         super().__init__()
-        self.norm = _norm(c)
-        self.q = nn.Conv2d(c, c, kernel_size=1)
-        self.k = nn.Conv2d(c, c, kernel_size=1)
-        self.v = nn.Conv2d(c, c, kernel_size=1)
-        self.proj_out = nn.Conv2d(c, c, kernel_size=1)
+        self.norm = _norm(c, ops)
+        self.q = ops.Conv2d(c, c, kernel_size=1)
+        self.k = ops.Conv2d(c, c, kernel_size=1)
+        self.v = ops.Conv2d(c, c, kernel_size=1)
+        self.proj_out = ops.Conv2d(c, c, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -73,9 +74,9 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     """Halve h and w: zero-pad one row at the bottom and one column at the right, then a stride-2 conv."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, ops: Ops = TORCH):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, kernel_size=3, stride=2, padding=0)
+        self.conv = ops.Conv2d(c, c, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -84,9 +85,9 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Double h and w: nearest-neighbour repeat, then a 3x3 conv."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, ops: Ops = TORCH):
         super().__init__()
-        self.conv = _conv3(c, c)
+        self.conv = _conv3(c, c, ops)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -95,11 +96,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """The bottleneck both halves share in structure: resnet, attention, resnet at constant width."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, ops: Ops = TORCH):
         super().__init__()
-        self.block_1 = ResnetBlock(c, c)
-        self.attn_1 = AttnBlock(c)
-        self.block_2 = ResnetBlock(c, c)
+        self.block_1 = ResnetBlock(c, c, ops)
+        self.attn_1 = AttnBlock(c, ops)
+        self.block_2 = ResnetBlock(c, c, ops)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -108,10 +109,12 @@ class MidBlock(nn.Module):
 class DownLevel(nn.Module):
     """One encoder resolution: `n_blocks` resnets to width `c_out`, then a `downsample` unless last."""
 
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, downsample: bool):
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, downsample: bool, ops: Ops = TORCH):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_blocks))
-        self.downsample = Downsample(c_out) if downsample else nn.Identity()
+        self.block = nn.ModuleList(
+            ResnetBlock(c_in if j == 0 else c_out, c_out, ops) for j in range(n_blocks)
+        )
+        self.downsample = Downsample(c_out, ops) if downsample else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.block:
@@ -122,10 +125,12 @@ class DownLevel(nn.Module):
 class UpLevel(nn.Module):
     """One decoder resolution: `n_blocks` resnets to width `c_out`, then an `upsample` unless level 0."""
 
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, upsample: bool):
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, upsample: bool, ops: Ops = TORCH):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_blocks))
-        self.upsample = Upsample(c_out) if upsample else nn.Identity()
+        self.block = nn.ModuleList(
+            ResnetBlock(c_in if j == 0 else c_out, c_out, ops) for j in range(n_blocks)
+        )
+        self.upsample = Upsample(c_out, ops) if upsample else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.block:
@@ -136,18 +141,18 @@ class UpLevel(nn.Module):
 class Encoder(nn.Module):
     """(b, in_channels, H, W) -> (b, 2 * z_channels, H/8, W/8): posterior mean and log-variance, stacked."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops: Ops = TORCH):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
-        self.conv_in = _conv3(cfg.in_channels, cfg.ch)
+        self.conv_in = _conv3(cfg.in_channels, cfg.ch, ops)
         self.down = nn.ModuleList(
-            DownLevel(c_in, c_out, cfg.num_res_blocks, downsample=i != last)
+            DownLevel(c_in, c_out, cfg.num_res_blocks, downsample=i != last, ops=ops)
             for i, (c_in, c_out) in enumerate(zip([cfg.ch, *widths[:-1]], widths, strict=True))
         )
-        self.mid = MidBlock(widths[-1])
-        self.norm_out = _norm(widths[-1])
-        self.conv_out = _conv3(widths[-1], 2 * cfg.z_channels)
+        self.mid = MidBlock(widths[-1], ops)
+        self.norm_out = _norm(widths[-1], ops)
+        self.conv_out = _conv3(widths[-1], 2 * cfg.z_channels, ops)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -164,17 +169,17 @@ class Decoder(nn.Module):
     from the last index to 0; each has one more resnet than its encoder counterpart.
     """
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops: Ops = TORCH):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = _conv3(cfg.z_channels, widths[-1])
-        self.mid = MidBlock(widths[-1])
+        self.conv_in = _conv3(cfg.z_channels, widths[-1], ops)
+        self.mid = MidBlock(widths[-1], ops)
         self.up = nn.ModuleList(
-            UpLevel(c_in, c_out, cfg.num_res_blocks + 1, upsample=i > 0)
+            UpLevel(c_in, c_out, cfg.num_res_blocks + 1, upsample=i > 0, ops=ops)
             for i, (c_in, c_out) in enumerate(zip([*widths[1:], widths[-1]], widths, strict=True))
         )
-        self.norm_out = _norm(widths[0])
-        self.conv_out = _conv3(widths[0], cfg.out_ch)
+        self.norm_out = _norm(widths[0], ops)
+        self.conv_out = _conv3(widths[0], cfg.out_ch, ops)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -186,16 +191,21 @@ class Decoder(nn.Module):
 class AutoEncoder(nn.Module):
     """The FLUX autoencoder with BAGEL's latent scaling. No parameters or buffers beyond the checkpoint's."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops: Ops = TORCH):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = Encoder(cfg, ops)
+        self.decoder = Decoder(cfg, ops)
+        self._execution: torch.device | None = None  # see `place`
+
+    def place(self, execution: torch.device) -> None:
+        """Run on `execution` although a memory manager may keep weights elsewhere between forwards."""
+        self._execution = execution
 
     @property
     def device(self) -> torch.device:
-        """Where the weights are (inputs must be moved there)."""
-        return self.encoder.conv_in.weight.device
+        """Where inputs must be: the placed execution device, else where the weights are."""
+        return self._execution or self.encoder.conv_in.weight.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ViTConfig
 from .attention import Backend, attention
+from .ops import TORCH, Ops
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -28,25 +29,25 @@ _ACTIVATIONS = {
 
 
 class SiglipVisionEmbeddings(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, ops: Ops = TORCH):
         super().__init__()
-        self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
+        self.patch_embedding = ops.Linear(config.patch_dim, config.hidden_size)
         side = config.image_size // config.patch_size
-        self.position_embedding = nn.Embedding(side * side, config.hidden_size)
+        self.position_embedding = ops.Embedding(side * side, config.hidden_size)
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.patch_embedding(patches) + self.position_embedding(position_ids)
 
 
 class SiglipAttention(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, ops: Ops = TORCH):
         super().__init__()
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = ops.Linear(dim, dim)
+        self.k_proj = ops.Linear(dim, dim)
+        self.v_proj = ops.Linear(dim, dim)
+        self.out_proj = ops.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, seq_lens: list[int], backend: Backend) -> torch.Tensor:
         n = x.shape[0]
@@ -63,23 +64,23 @@ class SiglipAttention(nn.Module):
 
 
 class SiglipMLP(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, ops: Ops = TORCH):
         super().__init__()
         self.act = _ACTIVATIONS[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = ops.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = ops.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class SiglipEncoderLayer(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, ops: Ops = TORCH):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = SiglipAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = SiglipMLP(config)
+        self.layer_norm1 = ops.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = SiglipAttention(config, ops)
+        self.layer_norm2 = ops.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SiglipMLP(config, ops)
 
     def forward(self, x: torch.Tensor, seq_lens: list[int], backend: Backend) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), seq_lens, backend)
@@ -87,17 +88,17 @@ class SiglipEncoderLayer(nn.Module):
 
 
 class SiglipEncoder(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, ops: Ops = TORCH):
         super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(SiglipEncoderLayer(config, ops) for _ in range(config.num_hidden_layers))
 
 
 class SiglipVisionTransformer(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, ops: Ops = TORCH):
         super().__init__()
-        self.embeddings = SiglipVisionEmbeddings(config)
-        self.encoder = SiglipEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embeddings = SiglipVisionEmbeddings(config, ops)
+        self.encoder = SiglipEncoder(config, ops)
+        self.post_layernorm = ops.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class SiglipVisionModel(nn.Module):
@@ -106,7 +107,7 @@ class SiglipVisionModel(nn.Module):
     Build on the `meta` device and load with `load_state_dict(..., assign=True)` to avoid allocating twice.
     """
 
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, ops: Ops = TORCH):
         super().__init__()
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(
@@ -118,7 +119,7 @@ class SiglipVisionModel(nn.Module):
                 f"ViT image_size {config.image_size} is not a multiple of patch_size {config.patch_size}"
             )
         self.config = config
-        self.vision_model = SiglipVisionTransformer(config)
+        self.vision_model = SiglipVisionTransformer(config, ops)
 
     def forward(
         self,

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..checkpoint import save
 from ..config import BagelConfig
-from ..layers.decoder import RMSNorm
 from ..layers.embeddings import PositionTable, sincos_2d_table
+from ..layers.ops import RMSNorm
 from ..layers.vae import AutoEncoder
 from ..model import Bagel
 from .data import Packed
