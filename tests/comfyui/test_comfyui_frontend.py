@@ -182,7 +182,7 @@ def test_queued_from_the_page_the_nodes_show_their_results(page, name, tmp_path)
             context: n.widgets.find(w => w.name === 'bagel_context')?.label }}))"""
     )
     for node in shown:
-        if node["type"] in ("BAGELUnderstand", "BAGELThink"):
+        if node["type"] in ("BAGELUnderstand", "BAGELThink", "BAGELReason"):
             assert node["text"], node
         if node["type"] != "BAGELLoader":
             assert node["context"].startswith("context: ") and node["context"].endswith("MiB"), node

@@ -26,6 +26,9 @@ NODE_IDS = {
     "BAGELEdit",
     "BAGELMultiFrame",
     "BAGELNavigate",
+    "BAGELContextAddText",
+    "BAGELContextAddImages",
+    "BAGELReason",
 }
 # What each example promises: images per output node (all at the model's default size), and the nodes
 # that show a non-empty text.
@@ -36,6 +39,10 @@ PROMISES = {
     "edit_chain": ({"6": 1, "7": 1, "8": 1, "9": 1}, []),
     "multi_frame": ({"4": 2}, []),
     "navigation": ({"4": 2}, []),
+    "multi_reference": ({"8": 2, "9": 1}, []),
+    "visual_reasoning": ({"4": 2}, ["3"]),
+    "batch": ({"3": 4}, []),
+    "latent_flip_edit": ({"3": 1, "6": 1}, []),
 }
 
 
@@ -82,6 +89,17 @@ def test_example_workflow_runs_to_its_promised_outputs(server, name):
         if run.history["prompt"][2][node_id]["class_type"] in NODE_IDS:
             assert output["context"][0].endswith("MiB")
     print(f"{name}: {run.seconds:.1f} s")
+
+
+def test_reason_that_draws_nothing_skips_the_nodes_its_images_feed(server):
+    """Its images output is ComfyUI's silent ExecutionBlocker then: Save Image is skipped, no error."""
+    prompt = workflow("visual_reasoning")
+    prompt["3"]["inputs"]["mode"] = "thinkmorph"  # the bundled model never writes <image_start>
+    run = server.run(prompt)
+    assert run.status == "execution_success", json.dumps(run.events[-1], indent=1)[:3000]
+    assert not run.history["outputs"].get("4", {}).get("images")
+    (text,) = run.history["outputs"]["3"]["text"]
+    assert text.strip()
 
 
 def test_requeued_workflow_gives_the_same_images_cached_and_recomputed(server):
