@@ -1,11 +1,12 @@
 """One command for a lent GPU: every task on 7B-shaped random weights, in each weight mode and engine path.
 
     python benchmarks/gpu_check.py [--device cuda] [--preset bagel-7b-mot] [--size 1024] [--steps 50]
-        [--only ROWS] [--out FILE.json] [--time-limit SECONDS] [--official-dir DIR]
+        [--tokens 64] [--dtype auto] [--only ROWS] [--out FILE.json] [--time-limit 420] [--official-dir DIR]
 
-No checkpoint is read or written: the model is built from the preset's config on meta and its random
-weights are drawn on the device (`bagel_model.tiny.random_model`), in seconds where writing and reading a
-29 GB file would take minutes; a tokenizer with the BAGEL markers is written to a temporary folder.
+The model is built from the preset's config on meta and its random weights are drawn on the device
+(`bagel_model.tiny.random_model`), in seconds where writing and reading a 29 GB file would take minutes; a
+tokenizer with the BAGEL markers is written to a temporary folder. Only the rows that read a checkpoint
+(offload, official) write one there, once, from the same weights.
 
 Rows (`--only` takes a comma list of these names), each run on every task:
 - bf16: the library defaults (auto attention, CFG batching as `sampling.batch_cfg` decides) in bf16 (the
@@ -13,12 +14,12 @@ Rows (`--only` takes a comma list of these names), each run on every task:
 - fp8, nf4: the decoder's linears quantized as `load(weights=...)` stores them (nf4 needs bitsandbytes);
 - cfg-batched, cfg-unbatched: each step's CFG branches in one forward, or one forward each;
 - sdpa, flash: the attention backend forced (flash needs flash-attn on CUDA);
-- offload-20gb, offload-12gb: bf16 loaded into a GPU budget (needs `load` to take `max_memory` or
-  `device_map`, issue #11 items 1-2);
+- offload-20gb, offload-12gb: bf16 loaded by `load(max_memory={0: "20GiB", "cpu": ...})`, the rest of
+  the decoder offloaded to the CPU (issue #11 items 1-2; "not available" with a `load` that has no budget);
 - official: the official `InterleaveInferencer` text-to-image on the same weights and noise (--official-dir).
 A variant that is what the bf16 row already ran here says so instead of running again.
 
-Tasks: understand (an image and a question, 64 tokens greedy), t2i at the notebook defaults (cfg_text 4,
+Tasks: understand (an image and a question, --tokens greedy), t2i at the notebook defaults (cfg_text 4,
 cfg_img 1, interval [0.4, 1], shift 3, global renorm), t2i at vLLM-Omni's cfg_img 1.5, and edit at the edit
 defaults, at --size and --steps. Each record has seconds (per image, per step or per token), decoder
 forwards and peak memory (torch.cuda.max_memory_allocated, reset before each record; the process's peak
@@ -342,7 +343,7 @@ def measure_row(run: Run, row: str, model, batched: bool | None = None, note: st
 
 def counter_of(model) -> list[int]:
     """The model's decoder-pass counter, its forward wrapped once (rows that share a model share it)."""
-    if "forward" not in vars(model.net):
+    if not hasattr(model.net, "pass_counter"):
         model.net.pass_counter = _count_passes(model)
     return model.net.pass_counter
 
