@@ -104,6 +104,11 @@ def quiet_int8_cast_warnings() -> None:
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether any layer of `module` stores its weights quantized (fp8, nf4 or int8)."""
+    return any(isinstance(m, (Fp8Linear, BnbLinear)) for m in module.modules())
+
+
 def quantized_targets(net: nn.Module) -> list[str]:
     """Names of the linear layers stored quantized: every decoder linear (both experts) and the LM head."""
     lm = net.language_model

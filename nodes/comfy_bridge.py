@@ -21,6 +21,8 @@ from types import ModuleType
 import torch
 
 from ..bagel_model import BagelModel, lora
+from ..bagel_model.layers.ops import TORCH, Ops, RMSNorm
+from ..bagel_model.quant import is_quantized
 
 MODEL_FOLDER = "bagel"
 
@@ -102,11 +104,44 @@ class ManagedModel:
         return f"Managed{self.model!r}"
 
     def ready(self) -> BagelModel:
-        """The model, on the compute device: ComfyUI may have offloaded it since the last node ran.
-        A full load, because BAGEL's layers cannot run with some weights left on another device."""
+        """The model, ready to run on the compute device: ComfyUI may have offloaded it since the last
+        node ran. Built from ComfyUI's weight-casting layers (`layer_ops`) with native weights, it may be
+        loaded partly (the rest is brought in layer by layer); quantized weights are loaded fully, since
+        their layers cannot cast."""
         if self.patcher is not None:
-            _comfy("comfy.model_management").load_models_gpu([self.patcher], force_full_load=True)
+            full = is_quantized(self.model)
+            _comfy("comfy.model_management").load_models_gpu([self.patcher], force_full_load=full)
+            self.model.place(self.patcher.load_device)
         return self.model
+
+
+def layer_ops() -> Ops:
+    """The layer classes to build BAGEL from: inside ComfyUI, its `comfy.ops` layers, which cast their
+    weights to the input's device when ComfyUI's memory manager loads the model partly (and run as plain
+    torch layers otherwise); torch.nn outside ComfyUI."""
+    ops = _comfy("comfy.ops")
+    if ops is None:
+        return TORCH
+    layers = ops.disable_weight_init
+
+    class CastRMSNorm(RMSNorm, ops.CastWeightBiasOp):
+        """BAGEL's Qwen2 RMSNorm, its weight brought to the input by ComfyUI when it is left elsewhere."""
+
+        bias = None  # ComfyUI's cast reads one
+
+        def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+            if self.comfy_cast_weights or self.weight_function:
+                return ops.cast_bias_weight(self, x)[0]
+            return self.weight
+
+    return Ops(
+        Linear=layers.Linear,
+        Embedding=layers.Embedding,
+        LayerNorm=layers.LayerNorm,
+        Conv2d=layers.Conv2d,
+        GroupNorm=layers.GroupNorm,
+        RMSNorm=CastRMSNorm,
+    )
 
 
 def manage(model: BagelModel, compute: torch.device, offload: torch.device) -> ManagedModel:

@@ -394,5 +394,6 @@ class BAGELLoader:
         if weights == "int8":
             quiet_int8_cast_warnings()  # logging is the application's: ComfyUI's is this node
         options = dict(device=offload, dtype=dtype, attention=attention, weights=weights)
+        options["ops"] = comfy_bridge.layer_ops()
         model = bagel_model.load(path, vae=vae, tokenizer=tokenizer, **options)
         return (comfy_bridge.manage(model, compute, offload),)

@@ -660,13 +660,14 @@ def test_interrupt_stops_within_a_step_and_leaves_the_context_usable(model, scen
     run("BAGELEdit", model=model, instruction="make it blue", context=ctx)
 
 
-def test_model_is_handed_to_comfyuis_memory_manager(model):
+@pytest.mark.parametrize("weights", ["native", "fp8"])
+def test_model_is_handed_to_comfyuis_memory_manager(model, weights):
+    """The patcher holds the model itself; native weights may be loaded partly (ComfyUI decides),
+    quantized ones, whose layers cannot cast, are loaded fully."""
     loads = []
     patcher_module = types.ModuleType("comfy.model_patcher")
-    patcher_module.ModelPatcher = lambda module, load_device, offload_device: (
-        module,
-        load_device,
-        offload_device,
+    patcher_module.ModelPatcher = lambda module, load_device, offload_device: types.SimpleNamespace(
+        model=module, load_device=load_device, offload_device=offload_device
     )
     mm = types.ModuleType("comfy.model_management")
     mm.load_models_gpu = lambda models, force_full_load: loads.append((models, force_full_load))
@@ -674,12 +675,14 @@ def test_model_is_handed_to_comfyuis_memory_manager(model):
     comfy.__path__ = []
     modules = {"comfy": comfy, "comfy.model_patcher": patcher_module, "comfy.model_management": mm}
     cpu = torch.device("cpu")
+    loaded = (
+        model.model if weights == "native" else lib.load(lib.bundled.default_model_dir(), weights=weights)
+    )
     with mock.patch.dict(sys.modules, modules):
-        managed = bridge.manage(model.model, cpu, cpu)
-        assert managed.ready() is model.model
-    weights, load_device, _ = managed.patcher
-    assert weights is model.model and load_device == cpu  # the patcher holds the model itself
-    assert loads == [([managed.patcher], True)]
+        managed = bridge.manage(loaded, cpu, cpu)
+        assert managed.ready() is loaded
+    assert managed.patcher.model is loaded and managed.patcher.load_device == cpu
+    assert loads == [([managed.patcher], weights != "native")]
 
 
 # -- example workflows agree with the nodes -------------------------------------------------------------
