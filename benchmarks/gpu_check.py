@@ -81,6 +81,9 @@ ROWS = (
     "official",
 )
 OFFLOAD_BUDGETS = {"offload-20gb": 20, "offload-12gb": 12}
+# Checkpoint throughput assumed before writing (and reading back) one, in GiB/s, so that a row reading a
+# checkpoint starts only when it can end in time: a conservative disk and a first read from it.
+CHECKPOINT_GIB_PER_S = 0.3
 
 
 class TimeLimit(Exception):
@@ -108,6 +111,7 @@ class Run:
     source: Image.Image | None = None  # the picture understood and edited
     folder: Path | None = None  # the random model as a checkpoint folder, once a row needs one
     warm: bool = False  # whether a row has warmed up
+    weights_gib: float = 0.0  # the bf16 model's size, once the bf16 row has measured it
 
     @property
     def elapsed(self) -> float:
@@ -308,6 +312,8 @@ def measure_row(run: Run, row: str, model, batched: bool | None = None, note: st
         run.record(row, "all", status=f"error in warm-up: {type(e).__name__}: {e}", trace=short_trace())
         return
     extra = {"attention": attention, "weights MiB": weights_mb(run, model)}
+    if row == "bf16":
+        run.weights_gib = extra["weights MiB"] / 1024
     if note:
         extra["note"] = note
     for task in TASKS:
@@ -425,6 +431,11 @@ def offload_row(run: Run, row: str) -> None:
         run.record(row, "all", status="not available: a GPU memory budget needs --device cuda")
         return
     budget = {run.device.index or 0: f"{OFFLOAD_BUDGETS[row]}GiB", "cpu": "100GiB"}
+    passes = 1 if run.folder else 2  # write and read, or read only
+    expected = passes * run.weights_gib / CHECKPOINT_GIB_PER_S + run.task_seconds.get("understand", 0.0)
+    if not run.fits(expected):
+        run.record(row, "all", status=f"skipped: time limit (loading alone needs about {expected:.0f} s)")
+        return
     folder = checkpoint_folder(run)
     if folder is None:
         return
@@ -442,7 +453,8 @@ def official_row(run: Run) -> None:
     ours is forced to SDPA too."""
     import official_runner as runner
 
-    expected = 3 * run.task_seconds.get("t2i", 0.0) + 2 * run.build_seconds
+    # write, read as float32 (twice the bytes) and convert back, plus both images and their warm-ups
+    expected = 4 * run.weights_gib / CHECKPOINT_GIB_PER_S + 3 * run.task_seconds.get("t2i", 0.0)
     if not run.fits(expected):
         run.record("official", "t2i", status=f"skipped: time limit (about {expected:.0f} s needed)")
         return
