@@ -220,25 +220,34 @@ def edit_images(
     callback: StepCallback | None = None,
     append_result: bool = True,
     latents: torch.Tensor | None = None,
+    image_latents: torch.Tensor | None = None,
 ) -> Images:
     """Edit each of `images` (each appended VAE + ViT to its own copy of the context) by `instruction`,
-    all sampled together; with `images=None`, edit the latest image of the context `batch_size` times
-    (a multi-turn edit chain: earlier turns are not re-encoded). Item b uses seed + b. The output size
-    defaults to the inputs' size after the official resize (a batch must share one)."""
+    all sampled together; one image, or with `images=None` the latest image of the context (a multi-turn
+    edit chain: earlier turns are not re-encoded), is edited `batch_size` times. Item b uses seed + b.
+    `image_latents` (N, z, H/8, W/8), the images' latents when known (a LATENT input), replace encoding
+    them. The output size defaults to the inputs' size after the official resize (a batch shares one)."""
     _check_batch(batch_size)
     ctx = start(model, context)
+    has_instruction = instruction is not None and instruction.strip()
+    if images and not has_instruction:
+        raise ValueError("the edit instruction is empty")
     if images:
-        if batch_size not in (1, len(images)):
-            raise ValueError(f"batch_size {batch_size} does not match the {len(images)} images to edit")
-        contexts = [ctx.append_image(image) for image in images]
+        if len(images) > 1 and batch_size not in (1, len(images)):
+            raise ValueError(
+                f"{len(images)} images to edit and batch_size {batch_size}: a batch is edited once per image "
+                f"(image b with seed + b), so set batch_size to 1, or give one image to edit it {batch_size} "
+                "times"
+            )
+        known = [None] * len(images) if image_latents is None else list(image_latents)
+        contexts = [ctx.append_image(image, latent=z) for image, z in zip(images, known, strict=True)]
+        contexts = contexts * batch_size if len(contexts) == 1 else contexts
     elif ctx.image_size is None:
         raise ValueError("edit needs an image, or a context that holds one")
     else:
         contexts = [ctx] * batch_size
-    if instruction is not None and instruction.strip():
+    if has_instruction:
         contexts = _append_once(contexts, instruction)
-    elif images:
-        raise ValueError("the edit instruction is empty")
     sizes = {c.image_size for c in contexts}
     if len(sizes) > 1:
         raise ValueError(
@@ -253,9 +262,10 @@ def edit_images(
 def _append_once(contexts: list[Context], text: str) -> list[Context]:
     """`text` appended to each context, computed once per distinct context (a batch repeats one)."""
     done: dict[int, Context] = {}
-    return [
-        done.setdefault(id(c), c.append_text(text)) if id(c) not in done else done[id(c)] for c in contexts
-    ]
+    for ctx in contexts:
+        if id(ctx) not in done:
+            done[id(ctx)] = ctx.append_text(text)
+    return [done[id(ctx)] for ctx in contexts]
 
 
 def edit_image(

@@ -8,10 +8,7 @@ exactly what a run of batch 1 with that seed draws.
 
 from __future__ import annotations
 
-import torch
-
-from ..bagel_model import EDIT_SETTINGS, T2I_SETTINGS, ContextError, Images, edit_images, generate_images
-from ..bagel_model.tasks import check_prompt, start
+from ..bagel_model import EDIT_SETTINGS, T2I_SETTINGS, ContextError, edit_images, generate_images
 from .comfy_bridge import Progress
 from .images import to_image, to_pils
 from .latents import LATENT, from_latent, to_latent
@@ -149,61 +146,18 @@ class BAGELEdit:
             raise ValueError("image and latent are both connected: connect the one to edit")
         bagel = model.ready()
         settings, seed = flow_settings(**sampler), library_seed(seed)
-        if latent is not None:
-            outs = _edit_latents(
-                bagel, from_latent(bagel, latent), instruction, context, settings, seed, batch_size
-            )
-        else:
-            images = None if image is None else to_pils(image)
-            if images is not None:  # edited once each, or one image batch_size times
-                _check_batch(len(images), batch_size, "image")
-                images, batch_size = (images * batch_size if len(images) == 1 else images), 1
-            out = edit_images(
-                bagel,
-                images,
-                instruction,
-                context,
-                settings,
-                seed,
-                batch_size=batch_size,
-                callback=Progress(),
-            )
-            outs = [out]
-        ctx = outs[0].contexts[0]
-        edited = [im for out in outs for im in out.images]
-        latents = torch.cat([out.latents for out in outs])
-        return with_ui((to_image(edited), ctx, to_latent(bagel, latents)), ctx)
-
-
-def _check_batch(items: int, batch_size: int, what: str) -> None:
-    """One item is edited batch_size times; a batch of items once each (batch_size 1, or its length)."""
-    if items > 1 and batch_size not in (1, items):
-        raise ValueError(
-            f"{what} is a batch of {items} and batch_size is {batch_size}: a batch is edited once per item "
-            f"(item b with seed + b), so set batch_size to 1, or connect one {what} to edit it {batch_size} "
-            "times"
-        )
-
-
-def _edit_latents(model, latents, instruction, context, settings, seed, batch_size) -> list[Images]:
-    """Edit each latent (in the model's scaled space), or one latent batch_size times. A latent joins its
-    own copy of the context as it is (the VAE part) and decoded (the ViT part); item b uses seed + b."""
-    _check_batch(len(latents), batch_size, "latent")
-    check_prompt(instruction, "edit instruction")
-    base = start(model, context)
-    runs = (
-        [(latents[0], seed, batch_size)]
-        if len(latents) == 1
-        else [(z, seed + b, 1) for b, z in enumerate(latents)]
-    )
-    progress = Progress(runs=len(runs))
-    outs = []
-    for z, item_seed, n in runs:
+        images, known = (None if image is None else to_pils(image)), None
+        if latent is not None:  # used as it is for the image tokens, decoded for the vision encoder
+            known = from_latent(bagel, latent)
+            images = [bagel.decode_latent(z) for z in known]
         try:
-            ctx = base.append_image(model.decode_latent(z), latent=z)
+            out = edit_images(
+                bagel, images, instruction, context, settings, seed, batch_size=batch_size,
+                callback=Progress(), image_latents=known,
+            )  # fmt: skip
         except ContextError as e:
+            if latent is None:
+                raise
             raise ValueError(f"latent: {e}; for a LATENT: Upscale Latent to a size this model takes") from e
-        outs.append(
-            edit_images(model, None, instruction, ctx, settings, item_seed, batch_size=n, callback=progress)
-        )
-    return outs
+        ctx = out.contexts[0]
+        return with_ui((to_image(out.images), ctx, to_latent(bagel, out.latents)), ctx)

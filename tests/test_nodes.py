@@ -781,7 +781,7 @@ def test_edit_batches_equal_one_by_one(model, scene, two_scenes):
     assert close(repeated[1:], edit(image=scene[0], seed=5)) and not torch.equal(repeated[0], repeated[1])
     latest = edit(context=scene[1], seed=4, batch_size=2)  # the context's latest image, two seeds
     assert close(latest[1:], edit(context=scene[1], seed=5))
-    with pytest.raises(ValueError, match="image is a batch of 2 and batch_size is 3: .* set batch_size to 1"):
+    with pytest.raises(ValueError, match="2 images to edit and batch_size 3: .* set batch_size to 1"):
         edit(image=two_scenes, batch_size=3)
 
 

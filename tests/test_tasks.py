@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from bagel_model import engine, tasks
 from bagel_model.context import Context, ContextError, History
-from bagel_model.images import flattened_position_ids, unpatchify_latent
+from bagel_model.images import flattened_position_ids, to_tensor, unpatchify_latent
 from bagel_model.layers.decoder import Routing
 from bagel_model.sampling import FlowSettings, cfg_active, combine_cfg, schedule
 from bagel_model.tasks import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT, TextSettings
@@ -570,10 +570,21 @@ def test_a_batch_of_images_is_edited_each_in_its_own_context(tiny_model, picture
     for b, source in enumerate((picture, other)):
         alone, _ = tasks.edit_image(tiny_model, source, E, settings=EDIT, seed=3 + b)
         assert np.abs(pixels(out.images[b]) - pixels(alone)).max() <= 1
-    with pytest.raises(ValueError, match="batch_size 3 does not match the 2 images"):
+    with pytest.raises(
+        ValueError, match="2 images to edit and batch_size 3: a batch is edited once per image"
+    ):
         tasks.edit_images(tiny_model, [picture, other], E, settings=EDIT, batch_size=3)
     with pytest.raises(ValueError, match="different sizes after the resize"):
         tasks.edit_images(tiny_model, [picture, picture.resize((96, 64))], E, settings=EDIT)
+    # one image batch_size times, encoded once; known latents replace the encode
+    twice = tasks.edit_images(tiny_model, [picture], E, settings=EDIT, seed=3, batch_size=2)
+    assert twice.contexts[0].cond.segments[0] is twice.contexts[1].cond.segments[0]
+    latent = tiny_model.vae.encode(to_tensor(picture).unsqueeze(0))
+    given = tasks.edit_images(
+        tiny_model, [picture], E, settings=EDIT, seed=3, batch_size=2, image_latents=latent
+    )
+    for a, b in zip(twice.images, given.images, strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
 
 
 def test_a_batch_of_sequences_equals_one_by_one(tiny_model, picture, pixels):
