@@ -432,7 +432,9 @@ def offload_row(run: Run, row: str) -> None:
         return
     budget = {run.device.index or 0: f"{OFFLOAD_BUDGETS[row]}GiB", "cpu": "100GiB"}
     passes = 1 if run.folder else 2  # write and read, or read only
-    expected = passes * run.weights_gib / CHECKPOINT_GIB_PER_S + run.task_seconds.get("understand", 0.0)
+    # the I/O, then at least an answer and an image (slower offloaded: twice the bf16 time, at the least)
+    tasks_seconds = run.task_seconds.get("understand", 0.0) + 2 * run.task_seconds.get("t2i", 0.0)
+    expected = passes * run.weights_gib / CHECKPOINT_GIB_PER_S + tasks_seconds
     if not run.fits(expected):
         run.record(row, "all", status=f"skipped: time limit (loading alone needs about {expected:.0f} s)")
         return
