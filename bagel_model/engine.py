@@ -6,7 +6,8 @@ token, one per denoising step). The context stays as it was, so a loop stopped p
 interrupt raised in the callback) leaves nothing half-written.
 
 Progress and interruption go through one optional `callback(step, total, payload)`, called after each
-decoded token (payload: the text so far) or denoising step (payload: the current latent tokens).
+decoded token (payload: the text so far) or denoising step (payload: the step's estimate of the clean
+latent, (z, H/8, W/8) or (B, z, H/8, W/8) for a batch, in the model's scaled space: what a preview shows).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .model import BagelModel
 from .sampling import FlowSettings, batch_cfg, cfg_active, check_finite, combine_cfg, euler
 
 StepCallback = Callable[[int, int, object], None]
-"""callback(step, total, payload): payload is the text so far (decoding) or the current latent tokens."""
+"""callback(step, total, payload): the text so far (decoding) or the clean-latent estimate (sampling)."""
 
 
 # -- text ------------------------------------------------------------------------------------------
@@ -254,8 +255,22 @@ def denoise(
             k += len(branches)
         return out[0] if single else torch.stack(out)
 
-    x = euler(guided_velocity, noise.to(device=model.device, dtype=torch.float32), settings, callback)
-    return x, passes
+    def report(step: int, total: int, x0: torch.Tensor) -> None:
+        callback(step, total, latent_grids(model, x0, frame.h, frame.w))
+
+    noise = noise.to(device=model.device, dtype=torch.float32)
+    return euler(guided_velocity, noise, settings, None if callback is None else report), passes
+
+
+def latent_grids(model: BagelModel, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Latent tokens (h*w, c) or (B, h*w, c) on an h x w grid -> the autoencoder's latents (z, 2h, 2w) or
+    (B, z, 2h, 2w) in the model's scaled space (what its decoder, or a preview, reads)."""
+    cfg = model.config
+    grids = [
+        unpatchify_latent(t, h, w, cfg.latent_patch_size, cfg.latent_channels)
+        for t in tokens.view(-1, *tokens.shape[-2:])
+    ]
+    return grids[0] if tokens.ndim == 2 else torch.stack(grids)
 
 
 def sample_images(

@@ -185,7 +185,9 @@ def euler(
 
     `velocity(t, x)` is evaluated at each step, except with `settings.step_cache = k > 1`: then only every
     k-th step (and the first two, which seed the trend) calls it and the others extrapolate (faster, not
-    identical). `callback(step, total, x)` follows every step; an exception raised there stops the loop."""
+    identical). `callback(step, total, x0)` follows every step with the step's estimate of the clean
+    sample, x0 = x - t v (what a preview shows; at the last step it is the result); an exception raised
+    there stops the loop."""
     times, steps = schedule(settings.num_steps, settings.timestep_shift)
     evaluated: list[tuple[float, torch.Tensor]] = []  # the last two (t, v) from `velocity`
     for i, (t, dt) in enumerate(zip(times, steps, strict=True)):
@@ -194,7 +196,7 @@ def euler(
         else:
             v = velocity(t, x)
             evaluated = [*evaluated[-1:], (t, v)]
-        x = x - v * dt
         if callback is not None:
-            callback(i + 1, len(times), x)
+            callback(i + 1, len(times), x - v * t)
+        x = x - v * dt
     return x

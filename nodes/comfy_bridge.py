@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -204,11 +205,11 @@ class Progress:
     of loops of different lengths known only as they come (a reasoning loop's text segments and images):
     the bar then shows the current loop, starting again at each.
 
-    No step previews: a faithful one costs a decode through the model's autoencoder at every step, and
-    ComfyUI's cheap latent-to-RGB factors fit only the official FLUX autoencoder, not the bundled model's."""
+    With `preview` (see `previewer`), each denoising step also sends ComfyUI a preview of its estimate."""
 
-    def __init__(self, runs: int | None = 1):
+    def __init__(self, runs: int | None = 1, preview: Callable[[torch.Tensor], tuple | None] | None = None):
         self._runs = runs
+        self._preview = preview
         self._done = 0
         self._bar = None
         self._utils = _comfy("comfy.utils")
@@ -221,14 +222,47 @@ class Progress:
         self._done += 1
         if self._utils is None:
             return
+        image = None
+        if self._preview is not None and isinstance(payload, torch.Tensor):
+            image = self._preview(payload)
         if self._runs is None:
             if self._bar is None:
                 self._bar = self._utils.ProgressBar(total)
-            self._bar.update_absolute(step, total)
+            self._bar.update_absolute(step, total, image)
             return
         if self._bar is None:
             self._bar = self._utils.ProgressBar(total * self._runs)
-        self._bar.update_absolute(self._done)
+        self._bar.update_absolute(self._done, None, image)
+
+
+OWN_DECODE_PREVIEW_PIXELS = 256 * 256  # larger images from a non-FLUX autoencoder get no preview
+
+
+def previewer(model: BagelModel) -> Callable[[torch.Tensor], tuple | None] | None:
+    """Step previews as ComfyUI's samplers send them, honouring its --preview-method; None when off or
+    outside ComfyUI. The payload is a step's clean-latent estimate in the model's scaled space, which for
+    the official autoencoder is FLUX's latent space: ComfyUI's own FLUX previewer (latent-to-RGB
+    factors, or TAESD where installed) reads it at no cost. Another autoencoder (the bundled model's) has
+    no factors, so small images are decoded through it instead, and large ones get no preview."""
+    preview, formats, cli = _comfy("latent_preview"), _comfy("comfy.latent_formats"), _comfy("comfy.cli_args")
+    if preview is None or formats is None or cli is None:
+        return None
+    if cli.args.preview_method == cli.LatentPreviewMethod.NoPreviews:
+        return None
+    flux, vae = formats.Flux(), model.config.vae
+    if (vae.z_channels, vae.scale_factor, vae.shift_factor) == (16, flux.scale_factor, flux.shift_factor):
+        decoder = preview.get_previewer(model.device, flux)
+        if decoder is None:
+            return None
+        return lambda z: decoder.decode_latent_to_preview_image("JPEG", (z if z.ndim == 4 else z[None])[:1])
+
+    def own(z: torch.Tensor) -> tuple | None:
+        first = z if z.ndim == 3 else z[0]
+        if first.shape[1] * first.shape[2] * 64 > OWN_DECODE_PREVIEW_PIXELS:
+            return None
+        return "JPEG", model.decode_latent(first), cli.args.preview_size
+
+    return own
 
 
 # -- outputs ----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ exactly what a run of batch 1 with that seed draws.
 from __future__ import annotations
 
 from ..bagel_model import EDIT_SETTINGS, T2I_SETTINGS, ContextError, edit_images, generate_images
-from .comfy_bridge import Progress
+from .comfy_bridge import Progress, previewer
 from .images import to_image, to_pils
 from .latents import LATENT, from_latent, to_latent
 from .sockets import (
@@ -88,7 +88,7 @@ class BAGELTextToImage:
             settings=flow_settings(**sampler),
             seed=library_seed(seed),
             batch_size=batch_size,
-            callback=Progress(),
+            callback=Progress(preview=previewer(bagel)),
         )
         ctx = out.contexts[0]
         return with_ui((to_image(out.images), ctx, to_latent(bagel, out.latents)), ctx)
@@ -153,7 +153,7 @@ class BAGELEdit:
         try:
             out = edit_images(
                 bagel, images, instruction, context, settings, seed, batch_size=batch_size,
-                callback=Progress(), image_latents=known,
+                callback=Progress(preview=previewer(bagel)), image_latents=known,
             )  # fmt: skip
         except ContextError as e:
             if latent is None:

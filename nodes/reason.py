@@ -7,7 +7,7 @@ runs them); the node converts the widgets, joins progress across the rounds, and
 from __future__ import annotations
 
 from ..bagel_model import EDIT_SETTINGS, PROTOCOLS, THINKMORPH, reason
-from .comfy_bridge import Progress, no_output
+from .comfy_bridge import Progress, no_output, previewer
 from .images import to_image, to_pil
 from .sockets import (
     CATEGORY,
@@ -81,8 +81,9 @@ class BAGELReason:
         self, model, question, mode, max_rounds, max_new_tokens, do_sample, temperature, seed,
         image=None, context=None, **sampler,
     ):  # fmt: skip
+        bagel = model.ready()
         out = reason(
-            model.ready(),
+            bagel,
             question,
             image=None if image is None else to_pil(image),
             context=context,
@@ -91,7 +92,7 @@ class BAGELReason:
             text_settings=text_settings(max_new_tokens, do_sample, temperature),
             flow_settings=flow_settings(**sampler),
             seed=library_seed(seed),
-            callback=Progress(runs=None),
+            callback=Progress(runs=None, preview=previewer(bagel)),
         )
         images = to_image(out.images) if out.images else no_output()
         result = (out.answer, out.transcript, images, out.context)

@@ -8,7 +8,7 @@ several sequences side by side (item b from seed + b), returned item after item 
 from __future__ import annotations
 
 from ..bagel_model import EDIT_SETTINGS, generate_sequences
-from .comfy_bridge import Progress
+from .comfy_bridge import Progress, previewer
 from .images import to_image, to_pil
 from .sockets import (
     CATEGORY,
@@ -46,15 +46,16 @@ def frame_prompts(prompt: str, frames: int) -> list[str]:
 def _sequence(model, prompts, seed, image, context, sampler, batch_size=1) -> dict:
     """The one library call both nodes make: frames from the image / context, then the node outputs (every
     item's frames in one batch, item-major; the first item's context)."""
+    bagel = model.ready()
     frames, contexts = generate_sequences(
-        model.ready(),
+        bagel,
         prompts,
         context=context,
         image=None if image is None else to_pil(image),
         settings=flow_settings(**sampler),
         seed=library_seed(seed),
         batch_size=batch_size,
-        callback=Progress(runs=len(prompts)),
+        callback=Progress(runs=len(prompts), preview=previewer(bagel)),
     )
     return with_ui((to_image([f for item in frames for f in item]), contexts[0]), contexts[0])
 

@@ -202,7 +202,10 @@ def test_denoise_callback_reports_each_step(tiny_model, t2i_ctx):
         tiny_model, t2i_ctx, 64, 64, T2I, _noise(tiny_model), callback=lambda i, n, p: seen.append((i, n, p))
     )
     assert [(i, n) for i, n, _ in seen] == [(1, 2), (2, 2)]
-    assert seen[-1][2] is x and seen[0][2].shape == (16, tiny_model.config.patch_latent_dim)
+    # the payload is each step's clean estimate x - t v as a latent: at the last step (t = dt) the result
+    result = engine.latent_grids(tiny_model, x, 4, 4)
+    assert torch.equal(seen[-1][2], result) and result.shape == (tiny_model.config.latent_channels, 8, 8)
+    assert (seen[0][2] - result).abs().max() > 1e-3  # the first estimate is a guess, not the result
 
 
 # -- understanding and thinking -----------------------------------------------------------------------

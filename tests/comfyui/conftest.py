@@ -93,6 +93,7 @@ class Run:
     events: list[dict]
     history: dict
     seconds: float
+    previews: int = 0  # binary websocket frames: step previews
 
     def event(self, kind: str) -> dict:
         return next(e["data"] for e in self.events if e["type"] == kind)
@@ -141,10 +142,11 @@ class ComfyServer:
         try:
             start = time.monotonic()
             answer = json.loads(self.post("/prompt", {"prompt": prompt, "client_id": self.client_id}))
-            prompt_id, events = answer["prompt_id"], []
+            prompt_id, events, previews = answer["prompt_id"], [], 0
             while True:
                 message = ws.recv()
-                if isinstance(message, bytes):  # previews and other binary frames
+                if isinstance(message, bytes):  # step previews (the only binary frames our nodes cause)
+                    previews += 1
                     continue
                 event = json.loads(message)
                 if event.get("data", {}).get("prompt_id") != prompt_id:
@@ -157,7 +159,7 @@ class ComfyServer:
             seconds = time.monotonic() - start
         finally:
             ws.close()
-        return Run(prompt_id, event["type"], events, self.history(prompt_id), seconds)
+        return Run(prompt_id, event["type"], events, self.history(prompt_id), seconds, previews)
 
     def history(self, prompt_id: str, wait: float = 30) -> dict:
         """The history entry of a prompt; the server writes it just after the websocket says it ended."""
@@ -184,6 +186,8 @@ def _start(comfy: Path, base: Path, log: Path) -> ComfyServer:
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
     command += [
+        "--preview-method",  # previews as a user who turned them on sees them
+        "auto",
         "--disable-auto-launch",
         "--base-directory",
         str(base),
