@@ -99,10 +99,8 @@ def dispatch(
     accelerate.dispatch_model(
         net, device_map=device_map, offload_dir=None if offload_folder is None else str(offload_folder)
     )
-    devices = [d for d in device_map.values() if d not in ("cpu", "disk")]
-    execution = torch.device(devices[0] if devices else "cpu")
-    if isinstance(devices[0] if devices else None, int):
-        execution = torch.device("cuda", devices[0])
+    accelerators = [d for d in device_map.values() if d not in ("cpu", "disk")]
+    execution = _device(accelerators[0] if accelerators else "cpu")
     net.place(execution, [_execution_device(layer, execution) for layer in net.language_model.model.layers])
     return execution
 
@@ -112,6 +110,11 @@ def _execution_device(module: nn.Module, default: torch.device) -> torch.device:
     hook = getattr(module, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
     if device is not None:
-        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        return _device(device)
     weight = next(module.parameters())
     return default if weight.device.type == "meta" else weight.device
+
+
+def _device(name: str | int | torch.device) -> torch.device:
+    """A device as accelerate names it: an int is a CUDA index."""
+    return torch.device("cuda", name) if isinstance(name, int) else torch.device(name)
