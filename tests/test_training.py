@@ -106,17 +106,17 @@ def test_rope_ids_follow_the_official_rules(tokenizer, bank):
     n_instr = len(tokenizer.segment("make the circle green"))
     n_cap = len(tokenizer.segment("a red circle at the top left"))
     expected = (
-        [0] * 18  # VAE image: markers + 16 latent tokens
+        [0] * 11  # VAE image: markers + 9 latent tokens (48 px: one per grid cell)
         + [1] * 11  # ViT image: markers + 9 patches
         + list(range(2, 2 + n_instr))
-        + [2 + n_instr] * 36  # two copies of the target, at the same id, after the text
+        + [2 + n_instr] * 22  # two copies of the target, at the same id, after the text
         + list(range(n_cap))  # the next sample starts again at 0
-        + [n_cap] * 18
+        + [n_cap] * 11
     )
     assert pos == expected
     gen = b.is_gen.tolist()
-    assert gen[:18] == [False] + [True] * 16 + [False]  # markers use the understanding expert
-    assert not any(gen[18 : 29 + n_instr])
+    assert gen[:11] == [False] + [True] * 9 + [False]  # markers use the understanding expert
+    assert not any(gen[11 : 22 + n_instr])
 
 
 def test_dropped_images_still_advance_rope_and_dropped_text_does_not(tokenizer, bank):
@@ -124,9 +124,9 @@ def test_dropped_images_still_advance_rope_and_dropped_text_does_not(tokenizer, 
     plan = Plan("edit", (*condition, Target(BLUE_SQUARE)))
     images_dropped = _pack([plan], tokenizer, bank, PackSettings(text_drop=0.0, vit_drop=1.0, vae_drop=1.0))
     n = len(tokenizer.segment("remove the circle"))
-    assert images_dropped.positions.tolist() == list(range(2, 2 + n)) + [2 + n] * 18
+    assert images_dropped.positions.tolist() == list(range(2, 2 + n)) + [2 + n] * 11
     text_dropped = _pack([plan], tokenizer, bank, PackSettings(text_drop=1.0, vit_drop=0.0, vae_drop=0.0))
-    assert text_dropped.positions.tolist() == [0] * 18 + [1] * 11 + [2] * 18
+    assert text_dropped.positions.tolist() == [0] * 11 + [1] * 11 + [2] * 11
 
 
 def test_think_instruction_and_thought_drop_together(tokenizer, bank):
@@ -134,7 +134,7 @@ def test_think_instruction_and_thought_drop_together(tokenizer, bank):
     plan = Plan("think", (*items, Target(RED_CIRCLE)))
     lengths = {_pack([plan], tokenizer, bank, PackSettings(text_drop=0.5), seed=s).length for s in range(40)}
     system, draw, thought = (len(tokenizer.segment(t)) for t in ("system", "draw", "plan"))
-    assert lengths == {system + 18, system + draw + thought + 18}
+    assert lengths == {system + 11, system + draw + thought + 11}
 
 
 def test_mask_hides_noisy_targets_from_later_tokens(tokenizer, bank):
@@ -151,12 +151,13 @@ def test_mask_hides_noisy_targets_from_later_tokens(tokenizer, bank):
     b = _pack(plans, tokenizer, bank, replace(NO_DROP, max_tokens=10_000))
     m, n = b.mask, b.length
     n_text = len(tokenizer.segment("the red circle moves right"))
-    vae0 = range(0, 18)
-    text0 = range(18, 18 + n_text)
-    t1, t2 = range(text0.stop, text0.stop + 18), range(text0.stop + 18, text0.stop + 36)
-    vae1 = range(t2.stop, t2.stop + 18)
+    image = 11  # markers + 9 latent tokens
+    vae0 = range(0, image)
+    text0 = range(image, image + n_text)
+    t1, t2 = range(text0.stop, text0.stop + image), range(text0.stop + image, text0.stop + 2 * image)
+    vae1 = range(t2.stop, t2.stop + image)
     text1 = range(vae1.stop, vae1.stop + n_text)
-    t3 = range(text1.stop, text1.stop + 18)
+    t3 = range(text1.stop, text1.stop + image)
     second = range(t3.stop, n)
 
     def block(rows, cols):
@@ -263,7 +264,7 @@ def test_checkpoint_loads_and_runs_a_task_and_resume_continues(cfg, ae, bank, to
     assert isinstance(answer, str)
     few_steps = replace(bagel_model.T2I_SETTINGS, num_steps=3)
     image, _ = bagel_model.generate_image(model, "a red circle at the top left", settings=few_steps)
-    assert image.size == (64, 64)
+    assert image.size == (48, 48)
 
     fresh = Trainer(_net(cfg, seed=9), ae, cfg, tok_dir, settings, seed=0)
     assert fresh.resume(tmp_path / "ckpt") == {"marker": 7}
@@ -280,7 +281,7 @@ def test_autoencoder_training_runs_and_freezes():
     ae, cfg = train_autoencoder(small, AESettings(max_steps=2, batch=2), log=lambda _: None)
     assert not any(p.requires_grad for p in ae.parameters())
     assert cfg.scale_factor > 0 and ae.cfg == cfg
-    assert ae.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 8, 8)
+    assert ae.encode(torch.zeros(1, 3, 48, 48)).shape == (1, 16, 6, 6)
 
 
 def test_the_vit_is_frozen_at_first_then_trained(cfg, ae, bank, tokenizer, tok_dir):

@@ -23,17 +23,24 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from ..config import VAEConfig
-from ..images import to_tensor
+from ..config import ImageLimits, VAEConfig
+from ..images import resize, to_tensor
 from ..layers.vae import AutoEncoder
-from ..shapes import render, sample_scene, sample_world, view
+from ..shapes import Scene, render, sample_scene, sample_world, view
 from .schedule import warmup_cosine_lr
 
 # The bundled AE: 32 channels at every level (32 is the smallest width FLUX's GroupNorm(32) allows), no
 # resnet in the encoder levels and one per decoder level. Full-resolution convolutions dominate the cost
 # on a CPU, and flat shapes need no more depth: ~0.23 M parameters, 8x downsampling, 16 latent channels.
-TINY_AE = VAEConfig(resolution=64, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, z_channels=16)
+TINY_AE = VAEConfig(resolution=48, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, z_channels=16)
+
+# The bundled model works at 48 px: 16-pixel cells, so each 2x2 patch of the 8x-downsampled latent is one
+# cell. Pictures of other sizes reach it through the inference resize (64 px renders, the world's default,
+# are the common case), so the AE also learns 64 px renders resized to 48 (bicubic, soft edges).
+SIZE = 48
+RESIZED_FROM = 64
 
 
 OBJECT_WEIGHT = 4.0
@@ -48,11 +55,20 @@ class AESettings:
     warmup_steps: int = 50
     final_lr_ratio: float = 0.05
     kl_weight: float = 1e-5
-    crop: int = 64  # crop side (64: whole frames; crops change GroupNorm statistics, which hurt)
+    crop: int = SIZE  # crop side (whole frames: crops change GroupNorm statistics, which hurt)
+    resized_p: float = 0.5  # share of training images rendered at RESIZED_FROM and resized to SIZE
 
 
-def training_images(rng: random.Random, n: int, size: int = 64) -> torch.Tensor:
-    """(n, 3, size, size) in [-1, 1]: scenes of 1 to 3 objects and navigation views (0 to ~6 objects)."""
+def shown(scene: Scene, resized: bool) -> Image.Image:
+    """`scene` at SIZE px, rendered there or rendered at RESIZED_FROM and resized as inference would."""
+    if not resized:
+        return render(scene, SIZE)
+    return resize(render(scene, RESIZED_FROM), ImageLimits(SIZE, SIZE, 16))
+
+
+def training_images(rng: random.Random, n: int, resized_p: float = 0.0) -> torch.Tensor:
+    """(n, 3, SIZE, SIZE) in [-1, 1]: scenes of 1 to 3 objects and navigation views (0 to ~6 objects),
+    `resized_p` of them resized from RESIZED_FROM px."""
     images = []
     for _ in range(n):
         if rng.random() < 0.75:
@@ -60,7 +76,7 @@ def training_images(rng: random.Random, n: int, size: int = 64) -> torch.Tensor:
         else:
             world = sample_world(rng)
             scene = view(world, (rng.randint(0, 2), rng.randint(0, 2)))
-        images.append(to_tensor(render(scene, size)))
+        images.append(to_tensor(shown(scene, rng.random() < resized_p)))
     return torch.stack(images)
 
 
@@ -124,7 +140,7 @@ def train_autoencoder(
         lr = warmup_cosine_lr(settings.lr, step, progress, settings.warmup_steps, settings.final_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = random_crops(training_images(rng, settings.batch), settings.crop, rng)
+        x = random_crops(training_images(rng, settings.batch, settings.resized_p), settings.crop, rng)
         x = x.to(memory_format=torch.channels_last)
         loss, parts = ae_loss(ae, x, settings.kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -147,13 +163,17 @@ def train_autoencoder(
 
 @torch.no_grad()
 def reconstruction_check(ae: AutoEncoder, n: int = 64, seed: int = 1234) -> dict[str, float]:
-    """Held-out reconstruction: mean L1 and the scorer's read-back accuracy of decode(encode(image))."""
+    """Held-out reconstruction: mean L1 and the scorer's read-back accuracy of decode(encode(image)), for
+    native and resized pictures."""
     from ..images import from_tensor
     from ..shapes import read_scene
 
     rng = random.Random(seed)
     scenes = [sample_scene(rng) for _ in range(n)]
-    x = torch.stack([to_tensor(render(s)) for s in scenes])
-    y = ae.decode(ae.encode(x))
-    right = sum(read_scene(from_tensor(img)) == s for img, s in zip(y, scenes, strict=True))
-    return {"l1": float(F.l1_loss(y, x)), "read_back": right / n}
+    report = {}
+    for name, resized in (("", False), ("resized_", True)):
+        x = torch.stack([to_tensor(shown(s, resized)) for s in scenes])
+        y = ae.decode(ae.encode(x))
+        right = sum(read_scene(from_tensor(img)) == s for img, s in zip(y, scenes, strict=True))
+        report |= {f"{name}l1": float(F.l1_loss(y, x)), f"{name}read_back": right / n}
+    return report

@@ -29,6 +29,7 @@ Not here: the network, flow times and noise, and the losses (`losses.py`); the a
 from __future__ import annotations
 
 import random
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,7 +49,6 @@ from ..shapes import (
     move_window,
     paraphrase,
     questions,
-    render,
     sample_edit,
     sample_indirect,
     sample_motion,
@@ -58,6 +58,7 @@ from ..shapes import (
 )
 from ..tasks import GEN_THINK_SYSTEM_PROMPT
 from ..tokenizer import BagelTokenizer
+from .autoencoder import SIZE, shown
 
 # -- plan items ------------------------------------------------------------------------------------------
 
@@ -97,6 +98,7 @@ class Target:
 
 
 Item = Text | Vit | Vae | Target
+Shown = tuple[Scene, bool]  # a scene and whether its picture was resized from 64 px
 
 
 @dataclass(frozen=True)
@@ -240,18 +242,26 @@ class ImageBank:
 
     Images go through the inference preprocessing (`prepare_context_image`: the VAE resize, then the ViT
     resize of that), and latents are the frozen AE's posterior mean, as `Context.append_image` makes them.
-    Latents of missing scenes are encoded together in one batch (`prefetch`)."""
+    Targets are rendered at the model's size; context pictures of `resized_p` of the scenes (fixed per scene,
+    so they cache) come from 64 px renders resized, as a user's pictures mostly arrive. Latents of missing
+    images are encoded together in one batch (`prefetch`)."""
 
-    def __init__(self, ae: AutoEncoder, cfg: BagelConfig, size: int = 64, capacity: int = 50_000):
+    def __init__(self, ae: AutoEncoder, cfg: BagelConfig, capacity: int = 50_000, resized_p: float = 0.5):
         # ~4 KB per latent, ~28 KB per ViT patch set: 50k of each stay under 2 GB.
-        self.ae, self.cfg, self.size, self.capacity = ae, cfg, size, capacity
-        self._vit: OrderedDict[Scene, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._latent: OrderedDict[Scene, torch.Tensor] = OrderedDict()
+        self.ae, self.cfg, self.capacity, self.resized_p = ae, cfg, capacity, resized_p
+        self.size = SIZE
+        self._vit: OrderedDict[Shown, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._latent: OrderedDict[Shown, torch.Tensor] = OrderedDict()
         self.encoded = 0  # images encoded so far (cache misses)
 
-    def _images(self, scene: Scene):
+    def shown(self, scene: Scene, context: bool) -> Shown:
+        """How `scene` is shown: as a context picture (maybe resized) or as a target (never)."""
+        resized = context and zlib.crc32(describe(scene).encode()) % 1000 < self.resized_p * 1000
+        return scene, resized
+
+    def _images(self, key: Shown):
         inf = self.cfg.inference
-        return prepare_context_image(render(scene, self.size), inf.vae_limits, inf.vit_limits)
+        return prepare_context_image(shown(*key), inf.vae_limits, inf.vit_limits)
 
     @staticmethod
     def _remember(cache: OrderedDict, key, value, capacity: int) -> None:
@@ -260,33 +270,35 @@ class ImageBank:
             cache.popitem(last=False)
 
     def vit(self, scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patches (m, 3*p*p), position ids (m,))."""
-        if scene not in self._vit:
-            pixels = to_tensor(self._images(scene)[1])
+        """(patches (m, 3*p*p), position ids (m,)) of `scene` as a context picture."""
+        key = self.shown(scene, context=True)
+        if key not in self._vit:
+            pixels = to_tensor(self._images(key)[1])
             p = self.cfg.vit.patch_size
             h, w = pixels.shape[1] // p, pixels.shape[2] // p
             pos = flattened_position_ids(h, w, self.cfg.vit_max_num_patch_per_side)
-            self._remember(self._vit, scene, (patchify(pixels, p), pos), self.capacity)
-        return self._vit[scene]
+            self._remember(self._vit, key, (patchify(pixels, p), pos), self.capacity)
+        return self._vit[key]
 
     @torch.no_grad()
-    def prefetch(self, scenes: list[Scene]) -> None:
-        missing = list(dict.fromkeys(s for s in scenes if s not in self._latent))
+    def prefetch(self, keys: list[Shown]) -> None:
+        missing = list(dict.fromkeys(k for k in keys if k not in self._latent))
         if not missing:
             return
-        pixels = torch.stack([to_tensor(self._images(s)[0]) for s in missing])
+        pixels = torch.stack([to_tensor(self._images(k)[0]) for k in missing])
         # channels_last: ~2x faster convs
         pixels = pixels.to(self.ae.device, self.ae.dtype, memory_format=torch.channels_last)
         latents = self.ae.encode(pixels).float().cpu()
-        for scene, latent in zip(missing, latents, strict=True):
-            self._remember(self._latent, scene, patchify(latent, self.cfg.latent_patch_size), self.capacity)
+        for key, latent in zip(missing, latents, strict=True):
+            self._remember(self._latent, key, patchify(latent, self.cfg.latent_patch_size), self.capacity)
         self.encoded += len(missing)
 
-    def latent(self, scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clean latent tokens (h*w, c), position ids (h*w,))."""
-        if scene not in self._latent:
-            self.prefetch([scene])
-        tokens = self._latent[scene]
+    def latent(self, scene: Scene, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean latent tokens (h*w, c), position ids (h*w,)) of `scene` as a context picture or target."""
+        key = self.shown(scene, context)
+        if key not in self._latent:
+            self.prefetch([key])
+        tokens = self._latent[key]
         side = self.size // self.cfg.latent_downsample
         return tokens, flattened_position_ids(side, side, self.cfg.max_latent_size)
 
@@ -439,12 +451,12 @@ class _Builder:
                 self.vit.append((patches, pos, self.image(patches.shape[0], False, rope, FULL)))
                 rope += 1
             elif isinstance(item, Vae):
-                tokens, pos = self.bank.latent(item.scene)
+                tokens, pos = self.bank.latent(item.scene, context=True)
                 self.lat.append((tokens, pos, self.image(tokens.shape[0], True, rope, FULL), False))
                 self.image_task.append(self.task)
                 rope += 1
             else:
-                tokens, pos = self.bank.latent(item.scene)
+                tokens, pos = self.bank.latent(item.scene, context=False)
                 for _ in range(item.copies):
                     self.lat.append((tokens, pos, self.image(tokens.shape[0], True, rope, NOISE), True))
                     self.image_task.append(self.task)
@@ -520,8 +532,8 @@ def pack(
             break
         chosen.append(queue.pop())
         total += need
-    scenes = [item.scene for p in chosen for item in p.items if isinstance(item, Vae | Target)]
-    bank.prefetch(scenes)
+    images = [item for plan in chosen for item in plan.items if isinstance(item, Vae | Target)]
+    bank.prefetch([bank.shown(item.scene, context=isinstance(item, Vae)) for item in images])
     builder = _Builder(tokenizer, bank)
     tasks: dict[str, int] = {}
     for plan in chosen:
