@@ -247,6 +247,9 @@ def contact_sheet(items: list[tuple[str, Image.Image]], cell: int = 160) -> Imag
     return sheet
 
 
+DEMO_MOVES = ["move right", "move down"]
+
+
 def cmd_demo(args: argparse.Namespace) -> Output:
     """Every task once on the model, images and answers under --out, plus a contact sheet."""
     model = _model(args)
@@ -273,8 +276,10 @@ def cmd_demo(args: argparse.Namespace) -> Output:
     frames, _ = tasks.generate_sequence(
         model, ["the red circle moves right"] * 2, image=t2i, settings=edit_steps, seed=args.seed
     )
+    views, _ = tasks.generate_sequence(model, DEMO_MOVES, image=t2i, settings=edit_steps, seed=args.seed)
     items = [("t2i", t2i), ("think->t2i", planned), ("edit", edited)]
     items += [(f"frame {k + 1}", f) for k, f in enumerate(frames)]
+    items += [(move, view) for move, view in zip(DEMO_MOVES, views, strict=True)]
     files = {}
     for label, image in items:
         name = label.replace(" ", "_").replace("->", "_") + ".png"

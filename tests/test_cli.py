@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from bagel_model import cli, tasks
 from bagel_model.sampling import EDIT_SETTINGS, FlowSettings
-from bagel_model.shapes import parse_description, read_scene, scene_matches
+from bagel_model.shapes import navigation_consistent, parse_description, read_scene, scene_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 P = "a red circle at the top left, a blue square at the center"
@@ -172,23 +172,33 @@ def test_edit(capsys, tmp_path, tiny_dir, tiny_model, picture_file, pixels):
 def test_demo_runs_every_task_on_the_bundled_model(capsys, tmp_path):
     out_dir = tmp_path / "demo"
     out = _json(capsys, "demo", "--out", out_dir)
-    names = ["t2i", "think_t2i", "edit", "frame_1", "frame_2"]
+    names = ["t2i", "think_t2i", "edit", "frame_1", "frame_2", "move_right", "move_down"]
     assert sorted(Path(p).name for p in out["images"].values()) == sorted(f"{n}.png" for n in names)
+    read = {}
     for name in names:
         with Image.open(out_dir / f"{name}.png") as im:
-            assert im.size == (64, 64)
+            assert im.size == (48, 48)
+            read[name] = read_scene(im)
     answers = json.loads((out_dir / "answers.json").read_text())
     assert answers == {"understand": out["text"], "think": out["thought"]}
     with Image.open(out_dir / "contact_sheet.png") as sheet:
         assert sheet.size == (160 * len(names), 160 + 28)
     assert out["contact_sheet"] == str(out_dir / "contact_sheet.png")
-    # the trained model draws what the demo asks for, and its thought resolves the indirect prompt
-    with Image.open(out_dir / "t2i.png") as im:
-        asked = parse_description("a red circle at the top left, a blue square at the center")
-        assert scene_matches(read_scene(im), asked)
-    assert out["thought"].endswith("</think> a blue triangle at the center")
-    with Image.open(out_dir / "think_t2i.png") as im:
-        assert scene_matches(read_scene(im), parse_description("a blue triangle at the center"))
+    # every task right, as the contact sheet shows it: the trained model draws what the demo asks for,
+    # describes it, resolves the indirect prompt, edits, moves and navigates
+    expected = {
+        "t2i": "a red circle at the top left, a blue square at the center",
+        "think_t2i": "a blue triangle at the center",
+        "edit": "a green circle at the top left, a blue square at the center",
+        "frame_1": "a red circle at the top, a blue square at the center",
+        "frame_2": "a red circle at the top right, a blue square at the center",
+    }
+    for name, description in expected.items():
+        assert scene_matches(read[name], parse_description(description)), name
+    assert out["text"] == expected["t2i"]
+    assert out["thought"].endswith(f"</think> {expected['think_t2i']}")
+    assert navigation_consistent(read["t2i"], read["move_right"], "move right")
+    assert navigation_consistent(read["move_right"], read["move_down"], "move down")
 
 
 # -- errors -------------------------------------------------------------------------------------------
