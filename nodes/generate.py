@@ -29,14 +29,14 @@ from .sockets import (
 
 
 def size_input(side: str) -> tuple:
-    # 0 by default: no single number suits both BAGEL-7B-MoT (1024) and the bundled 64 px model. The widget
+    # 0 by default: no single number suits both BAGEL-7B-MoT (1024) and the bundled 48 px model. The widget
     # cannot see the connected model, so max is the largest any model takes, and the tooltip names each
     # model's own limit; a size above it stops the run with an error naming the input and the limit.
     return widget(
         "INT",
         f"Image {side} in pixels, a multiple of 16 up to the connected model's limit: 1024 for "
         "BAGEL-7B-MoT, 256 for the bundled model (a larger value stops the run with an error naming the "
-        "limit). 0: the model's default size (1024 for BAGEL-7B-MoT, 64 for the bundled model).",
+        "limit). 0: the model's default size (1024 for BAGEL-7B-MoT, 48 for the bundled model).",
         default=0, min=0, max=1024, step=16,
     )  # fmt: skip
 

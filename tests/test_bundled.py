@@ -42,7 +42,7 @@ def test_the_bundled_folder_is_the_default_small_and_documented():
         want.llm.hidden_size,
         want.llm.num_hidden_layers,
     )
-    assert (got.vit.patch_size, got.inference.default_height) == (want.vit.patch_size, 64)
+    assert (got.vit.patch_size, got.inference.default_height) == (want.vit.patch_size, 48)
     card = (BUNDLED_DIR / "README.md").read_text()
     for row in ("understanding", "text-to-image, 1 object", "navigation"):
         assert row in card
@@ -53,7 +53,7 @@ def test_loading_and_drawing_one_scene_takes_seconds():
     model = bagel_model.load(default_model_dir())
     image, _ = tasks.generate_image(model, "a green square at the bottom right", seed=0)  # 50 steps
     seconds = time.perf_counter() - start
-    assert image.size == (64, 64)
+    assert image.size == (48, 48)
     assert seconds < 30, f"{seconds:.1f} s"  # about 1 s on one core; the bound only catches a regression
 
 
@@ -82,8 +82,8 @@ def test_thinks_before_drawing_an_indirect_prompt(bundled):
 
 
 def test_edits_one_object_and_leaves_the_others(bundled):
-    """A pinned case: editing is the model's weak side (about half right, see its card), so this is a
-    regression check of one known-good edit, not a claim about the rate."""
+    """A pinned case (edits are right 0.74 to 1.0 of the time by kind, see its card): a regression check of
+    one known-good edit, not a claim about the rate."""
     before = Scene((Obj("red", "circle", "top left"), Obj("blue", "square", "center")))
     after = Scene((Obj("red", "circle", "top left"),))
     edited, _ = tasks.edit_image(bundled, render(before), "remove the square", seed=0)

