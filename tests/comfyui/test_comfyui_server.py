@@ -1,6 +1,8 @@
 """The pack inside a real ComfyUI server: it loads, registers its nodes, runs every API-format example
-workflow to the outputs it promises, stops on an interrupt within about a step, and gives the same result
-when a workflow is queued again (from the cache, and recomputed after the cache and models are freed).
+workflow to the outputs it promises and grades them with the shapes scorer (the bundled model must draw,
+answer, edit, move and navigate right, as a newcomer sees it), stops on an interrupt within about a step,
+and gives the same result when a workflow is queued again (from the cache, and recomputed after the cache
+and models are freed).
 
 Needs $COMFYUI_DIR (see conftest.py); skipped otherwise, failed under CI=true (`.ci/run` provides it).
 """
@@ -16,6 +18,17 @@ from PIL import ImageChops
 
 from bagel_model import BagelModel, bundled
 from bagel_model.checkpoint import read_config
+from bagel_model.shapes import (
+    CELLS,
+    COLORS,
+    SHAPES,
+    Obj,
+    describe,
+    indirect_prompt,
+    navigation_consistent,
+    parse_description,
+    read_scene,
+)
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
 NODE_IDS = {
@@ -44,6 +57,31 @@ PROMISES = {
     "batch": ({"3": 4}, []),
     "latent_flip_edit": ({"3": 1, "6": 1}, []),
 }
+
+
+# What each example must show, by output node: the scenes its images must read as, in order. Read off the
+# workflow's own words (edit_chain: a red circle, made green, moved to the top left, a blue square added).
+SCENES = {
+    "text_to_image": {"3": ["a red circle at the top left, a blue square at the center"]},
+    "understand": {"3": ["a green triangle at the center, a yellow circle at the bottom right"]},
+    "think_then_generate": {"4": ["a blue triangle at the center"]},
+    "edit_chain": {
+        "6": ["a red circle at the center"],
+        "7": ["a green circle at the center"],
+        "8": ["a green circle at the top left"],
+        # "9" should be "a green circle at the top left, a blue square at the bottom right": the bundled
+        # model adds the square but also redraws the red circle of the chain's first image (every seed
+        # tried). It was trained on one-image edits only; a third edit sees three images. Issue #13 open.
+    },
+    "multi_frame": {"4": ["a red circle at the center", "a red circle at the right"]},
+    "batch": {"3": ["a green triangle at the center, a yellow circle at the bottom right"] * 4},
+    # "6" (Edit of the mirrored latent) is not graded: a latent mirrored cell by cell is no latent the
+    # bundled model's autoencoder ever made, and the edit comes out as other shapes.
+    "latent_flip_edit": {"3": ["a blue square at the top left"]},
+}
+# Not graded: multi_reference ("put the red circle from the first image into the second") and
+# visual_reasoning (pictures inside a zebra-cot transcript) ask for what the shapes world never trains;
+# they show the wiring. navigation is graded below by the world's rule for views.
 
 
 def workflow(name: str) -> dict:
@@ -88,7 +126,46 @@ def test_example_workflow_runs_to_its_promised_outputs(server, name):
     for node_id, output in run.history["outputs"].items():
         if run.history["prompt"][2][node_id]["class_type"] in NODE_IDS:
             assert output["context"][0].endswith("MiB")
+    for node_id, scenes in SCENES.get(name, {}).items():
+        read = [describe(read_scene(image)) for image in server.images(run, node_id)]
+        assert read == scenes, f"{name}, node {node_id}"
     print(f"{name}: {run.seconds:.1f} s")
+
+
+def answer(run, node_id: str) -> str:
+    (text,) = run.history["outputs"][node_id]["text"]
+    return text.strip()
+
+
+def test_understand_example_answers_with_the_scene_it_drew(server):
+    run = server.run(workflow("understand"))
+    assert answer(run, "4") == SCENES["understand"]["3"][0]
+
+
+def test_think_example_plans_the_scene_its_indirect_prompt_means(server):
+    prompt = workflow("think_then_generate")
+    instruction = prompt["2"]["inputs"]["instruction"]
+    (meant,) = [
+        ind.scene
+        for color in COLORS
+        for shape in SHAPES
+        for cell in CELLS
+        if (ind := indirect_prompt(Obj(color, shape, cell))).prompt == instruction
+    ]
+    assert describe(meant) == SCENES["think_then_generate"]["4"][0]
+    assert answer(server.run(prompt), "2").endswith(f"</think> {describe(meant)}")
+
+
+def test_navigation_example_keeps_the_cells_that_stay_in_view(server):
+    prompt = workflow("navigation")
+    moves = prompt["3"]["inputs"]["actions"].split("\n")
+    before = parse_description(prompt["2"]["inputs"]["prompt"])
+    frames = server.images(server.run(prompt), "4")
+    assert len(frames) == len(moves)
+    for frame, move in zip(frames, moves, strict=True):
+        after = read_scene(frame)
+        assert navigation_consistent(before, after, move), f"{move}: {describe(before)} -> {describe(after)}"
+        before = after
 
 
 def test_reason_that_draws_nothing_skips_the_nodes_its_images_feed(server):
@@ -137,15 +214,3 @@ def test_interrupt_stops_within_about_one_step(server):
     assert len(seen["after"]) <= 2, seen["after"]
     latency = time.monotonic() - when
     print(f"interrupt at step {step}/399: stopped after {len(seen['after'])} more steps, {latency:.2f} s")
-
-
-def test_bundled_model_draws_the_scene_the_workflow_asks_for(server):
-    from bagel_model.shapes.grading import scene_matches
-    from bagel_model.shapes.language import parse_description
-    from bagel_model.shapes.scorer import read_scene
-
-    prompt = workflow("text_to_image")
-    asked = parse_description(prompt["2"]["inputs"]["prompt"])
-    run = server.run(prompt)
-    (image,) = server.images(run, "3")
-    assert scene_matches(read_scene(image), asked)
