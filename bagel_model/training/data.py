@@ -254,8 +254,8 @@ class ImageBank:
         self._latent: OrderedDict[Shown, torch.Tensor] = OrderedDict()
         self.encoded = 0  # images encoded so far (cache misses)
 
-    def shown(self, scene: Scene, context: bool) -> Shown:
-        """How `scene` is shown: as a context picture (maybe resized) or as a target (never)."""
+    def key(self, scene: Scene, context: bool) -> Shown:
+        """The cache key of `scene` shown as a context picture (maybe resized) or as a target (never)."""
         resized = context and zlib.crc32(describe(scene).encode()) % 1000 < self.resized_p * 1000
         return scene, resized
 
@@ -271,7 +271,7 @@ class ImageBank:
 
     def vit(self, scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
         """(patches (m, 3*p*p), position ids (m,)) of `scene` as a context picture."""
-        key = self.shown(scene, context=True)
+        key = self.key(scene, context=True)
         if key not in self._vit:
             pixels = to_tensor(self._images(key)[1])
             p = self.cfg.vit.patch_size
@@ -295,7 +295,7 @@ class ImageBank:
 
     def latent(self, scene: Scene, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean latent tokens (h*w, c), position ids (h*w,)) of `scene` as a context picture or target."""
-        key = self.shown(scene, context)
+        key = self.key(scene, context)
         if key not in self._latent:
             self.prefetch([key])
         tokens = self._latent[key]
@@ -533,7 +533,7 @@ def pack(
         chosen.append(queue.pop())
         total += need
     images = [item for plan in chosen for item in plan.items if isinstance(item, Vae | Target)]
-    bank.prefetch([bank.shown(item.scene, context=isinstance(item, Vae)) for item in images])
+    bank.prefetch([bank.key(item.scene, context=isinstance(item, Vae)) for item in images])
     builder = _Builder(tokenizer, bank)
     tasks: dict[str, int] = {}
     for plan in chosen:

@@ -48,7 +48,7 @@ from ..shapes import (
 )
 from ..tasks import TextSettings, edit_image, generate_image, generate_sequence, think, understand
 
-EDITS = tuple(f"edit_{kind}" for kind in EDIT_KINDS)
+EDITS = {f"edit_{kind}": kind for kind in EDIT_KINDS}  # one capability per edit kind
 CAPABILITIES = ("understand", "t2i_1", "t2i_23", *EDITS, "indirect", "think", "motion", "navigate")
 _EDIT_METRIC = "changed object right and the others untouched"
 # The capability table (issue #13): what each row measures and its target (None: reported only).
@@ -56,7 +56,7 @@ TABLE = {
     "understand": ("understanding", "exact-answer accuracy over the five question kinds", 0.95),
     "t2i_1": ("text-to-image, 1 object", "scene exactly right (scorer)", 0.95),
     "t2i_23": ("text-to-image, 2-3 objects", "scene exactly right", 0.90),
-    **{name: (f"editing: {name[5:]}", _EDIT_METRIC, 0.85) for name in EDITS},
+    **{name: (f"editing: {kind}", _EDIT_METRIC, 0.85) for name, kind in EDITS.items()},
     "indirect": ("indirect prompts without thinking", "scene exactly right", None),
     "think": ("indirect prompts with thinking", "scene exactly right", 0.90),
     "motion": ("motion: next 2 frames", "frames exactly right", 0.80),
@@ -171,7 +171,7 @@ _CASES = {
     "understand": _understand,
     "t2i_1": _t2i((1,)),
     "t2i_23": _t2i((2, 3)),
-    **{f"edit_{kind}": _edit(kind) for kind in EDIT_KINDS},
+    **{name: _edit(kind) for name, kind in EDITS.items()},
     "indirect": _indirect,
     "think": _think,
     "motion": _motion,
