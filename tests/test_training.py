@@ -30,6 +30,9 @@ from bagel_model.training.data import (
     Text,
     Vae,
     Vit,
+    chain_plan,
+    edit_plan,
+    motion_plan,
     pack,
     plan_stream,
     understand_plan,
@@ -195,6 +198,34 @@ def test_understanding_plans_ask_distinct_kinds_about_one_image():
         assert len(set(asked)) == len(asked) >= 2  # every scene offers at least count, shape and describe
         assert [t.text for t in turns[1::2]] == [answers[q] for q in asked]
         assert [t.loss for t in turns] == [False, True] * len(asked)
+
+
+def test_chain_plans_edit_the_latest_picture_of_a_text_to_image_context():
+    """Text to Image -> Edit -> Edit -> Edit: caption, target, then per edit the latest picture (VAE, ViT),
+    the instruction and the edited target; every picture is the previous target."""
+    rng = random.Random(4)
+    for _ in range(30):
+        items = chain_plan(rng, PlanSettings()).items
+        caption, first, *rest = items
+        assert isinstance(caption, Text) and isinstance(first, Target)
+        edits = len(rest) // 4
+        assert 2 <= edits <= 3 and len(rest) == 4 * edits
+        previous = first.scene
+        for k in range(edits):
+            vae, vit, instruction, target = rest[4 * k : 4 * k + 4]
+            assert isinstance(vae, Vae) and isinstance(vit, Vit) and isinstance(instruction, Text)
+            assert vae.scene == vit.scene == previous and isinstance(target, Target)
+            previous = target.scene
+
+
+def test_edit_kinds_follow_their_weights_and_sequences_sometimes_start_from_a_caption():
+    rng = random.Random(5)
+    settings = PlanSettings(edit_kinds=(0.7, 0.1, 0.1, 0.1), caption_p=0.5)
+    verbs = [edit_plan(rng, settings).items[2].text.split()[0] for _ in range(400)]
+    assert 0.6 < verbs.count("make") / len(verbs) < 0.8
+    firsts = [type(motion_plan(rng, settings).items[0]) for _ in range(400)]
+    assert 0.4 < firsts.count(Text) / len(firsts) < 0.6
+    assert set(firsts) == {Text, Vae}
 
 
 def test_timesteps_are_shifted_sigmoid_normals():

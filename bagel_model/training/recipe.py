@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -83,7 +84,17 @@ def bundled_config(vae: VAEConfig = TINY_AE, vocab_size: int = VOCAB_SIZE) -> Ba
 # Plans per task. Understanding plans are short (~25 tokens) and its ViT learns from nothing else, so they
 # are drawn often; thinking's text is learnt in a few hundred steps, and its image is one-object t2i. Edits,
 # motion and navigation learned slowest (their losses still fell when budgets ended), so they get the most.
-MIX = {"t2i": 0.14, "understand": 0.22, "edit": 0.24, "think": 0.04, "motion": 0.16, "navigate": 0.2}
+# Chains (text-to-image, then 2-3 edits in one context) teach what the edit-chain workflow asks: a third
+# edit of single-edit training redrew the first picture's object.
+MIX = {
+    "t2i": 0.10,
+    "understand": 0.20,
+    "edit": 0.22,
+    "chain": 0.08,
+    "think": 0.03,
+    "motion": 0.19,
+    "navigate": 0.18,
+}
 
 
 @dataclass(frozen=True)
@@ -98,10 +109,12 @@ class Recipe:
     plans: PlanSettings = PlanSettings()
     packing: PackSettings = PackSettings()
     train: TrainSettings = TrainSettings()
-    # A warm start: the network's weights from an earlier run's model folder (its AE and tokenizer are not
-    # reused; the AE here may differ, so the image side relearns its latent space while the text side keeps
-    # what it knows). The ViT is trained from the first step, at `init_lr`.
+    # A warm start: the network's weights and tokenizer from an earlier run's model folder. Its AE is
+    # reused with `init_ae`; otherwise a new one is trained (for a new image size, say) and the image side
+    # relearns its latent space while the text side keeps what it knows. The ViT trains from the first
+    # step, at `init_lr`.
     init: Path | None = None
+    init_ae: bool = False
     init_lr: float = 1e-3
 
 
@@ -119,6 +132,8 @@ class _Log:
 
 def _autoencoder(out: Path, recipe: Recipe, log: _Log) -> tuple[AutoEncoder, VAEConfig]:
     folder = out / "ae"
+    if recipe.init is not None and recipe.init_ae and not folder.is_dir():
+        _copy(recipe.init, folder, ("ae.safetensors", "ae_config.json"))
     if (folder / "ae.safetensors").is_file():
         cfg = VAEConfig.from_json(folder / "ae_config.json")
         ae = AutoEncoder(cfg)
@@ -136,12 +151,23 @@ def _autoencoder(out: Path, recipe: Recipe, log: _Log) -> tuple[AutoEncoder, VAE
     return ae, cfg
 
 
+def _copy(source: Path, folder: Path, names: tuple[str, ...]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(Path(source) / name, folder / name)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
 def run(out: Path, recipe: Recipe) -> Path:
     out = Path(out)
     log = _Log(out / "train.log")
     start = time.monotonic()
     log(f"recipe: {recipe.minutes} min, seed {recipe.seed}, mix {recipe.mix}")
     tok_dir = out / "tokenizer"
+    if recipe.init is not None and not tok_dir.is_dir():  # the init's embedding rows are its token ids
+        _copy(recipe.init, tok_dir, TOKENIZER_FILES)
     if not (tok_dir / "tokenizer.json").is_file():
         write_tokenizer(tok_dir, recipe.cfg.llm.vocab_size, seed=recipe.seed)
     tokenizer = BagelTokenizer(tok_dir)
@@ -202,11 +228,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval", type=int, default=Recipe.eval_n, help="held-out cases per capability")
     parser.add_argument("--init", type=Path, help="warm start: a model folder of an earlier run")
+    parser.add_argument("--init-ae", action="store_true", help="with --init: keep its autoencoder too")
+    parser.add_argument("--init-lr", type=float, default=Recipe.init_lr, help="with --init: peak lr")
     args = parser.parse_args(argv)
     # The budgets above are measured on two cores. A process-wide setting: the command makes it, not `run`,
     # which a caller may import into a process whose threads are its own business.
     torch.set_num_threads(2)
-    run(args.out, Recipe(minutes=args.minutes, seed=args.seed, eval_n=args.eval, init=args.init))
+    recipe = Recipe(
+        minutes=args.minutes, seed=args.seed, eval_n=args.eval,
+        init=args.init, init_ae=args.init_ae, init_lr=args.init_lr,
+    )  # fmt: skip
+    run(args.out, recipe)
 
 
 if __name__ == "__main__":
