@@ -7,6 +7,7 @@ space only has to be a fixed function of the image for these checks.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import bagel_model
+from bagel_model.bundled import default_model_dir
 from bagel_model.config import LLMConfig, ViTConfig
 from bagel_model.layers.vae import AutoEncoder
 from bagel_model.model import Bagel
@@ -38,7 +40,7 @@ from bagel_model.training.data import (
     understand_plan,
 )
 from bagel_model.training.losses import objective, sample_timesteps
-from bagel_model.training.recipe import MIX, bundled_config
+from bagel_model.training.recipe import MIX, TOKENIZER_FILES, Recipe, bundled_config, run
 from bagel_model.training.trainer import Trainer, TrainSettings, init_weights, latest_checkpoint
 from bagel_model.training.vocab import write_tokenizer
 
@@ -327,3 +329,17 @@ def test_the_vit_is_frozen_at_first_then_trained(cfg, ae, bank, tokenizer, tok_d
     assert not torch.equal(head0, trainer.net.connector.fc1.weight)  # the connector learns from the start
     trainer.train_step(batch)  # progress 2/4: the ViT now trains
     assert not all(torch.equal(a, b) for a, b in zip(vit0, trainer.net.vit_model.parameters(), strict=True))
+
+
+def test_a_warm_start_continues_the_init_model_with_its_tokenizer_and_autoencoder(tmp_path):
+    """`--init DIR --init-ae`: the token ids and the latent space stay those the weights were trained on,
+    so the first steps already have the trained model's loss (a network from scratch starts above 6: CE
+    over 512 tokens, plus a flow MSE near 1)."""
+    init = default_model_dir()
+    steps = TrainSettings(max_steps=10)
+    recipe = Recipe(minutes=5.0, eval_n=0, init=init, init_ae=True, init_lr=1e-5, train=steps)
+    model = run(tmp_path, recipe)
+    for name in ("ae.safetensors", *TOKENIZER_FILES):
+        assert (model / name).read_bytes() == (init / name).read_bytes(), name
+    (first,) = json.loads((tmp_path / "history.json").read_text())
+    assert first["step"] == 10 and first["loss"] < 0.5
