@@ -82,7 +82,7 @@ def test_thinks_before_drawing_an_indirect_prompt(bundled):
 
 
 def test_edits_one_object_and_leaves_the_others(bundled):
-    """A pinned case (edits are right 0.74 to 1.0 of the time by kind, see its card): a regression check of
+    """A pinned case (edits are right 0.98 to 1.0 of the time by kind, see its card): a regression check of
     one known-good edit, not a claim about the rate."""
     before = Scene((Obj("red", "circle", "top left"), Obj("blue", "square", "center")))
     after = Scene((Obj("red", "circle", "top left"),))
