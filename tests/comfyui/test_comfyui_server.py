@@ -69,14 +69,13 @@ SCENES = {
         "6": ["a red circle at the center"],
         "7": ["a green circle at the center"],
         "8": ["a green circle at the top left"],
-        # "9" should be "a green circle at the top left, a blue square at the bottom right": the bundled
-        # model adds the square but also redraws the red circle of the chain's first image (every seed
-        # tried). It was trained on one-image edits only; a third edit sees three images. Issue #13 open.
+        "9": ["a green circle at the top left, a blue square at the bottom right"],
     },
     "multi_frame": {"4": ["a red circle at the center", "a red circle at the right"]},
     "batch": {"3": ["a green triangle at the center, a yellow circle at the bottom right"] * 4},
     # "6" (Edit of the mirrored latent) is not graded: a latent mirrored cell by cell is no latent the
-    # bundled model's autoencoder ever made, and the edit comes out as other shapes.
+    # bundled model's autoencoder ever made, and the edit comes out as other shapes (the 48 px model of
+    # 2026-11-30: a yellow triangle at the top right, where the mirrored square should turn green).
     "latent_flip_edit": {"3": ["a blue square at the top left"]},
 }
 # Not graded: multi_reference ("put the red circle from the first image into the second") and
