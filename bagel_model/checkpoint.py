@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,8 +360,17 @@ def read_config(path: Path | str) -> BagelConfig:
     return _read(Path(path))[1]
 
 
-def _expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a torch.nn-built module holds (what its checkpoint must hold)."""
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def checkpoint_shapes(cfg: BagelConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The tensors of the network's and of the autoencoder's checkpoint, from the layer definitions
+    (built on meta with torch.nn layers). Not from the modules being loaded: a host's layers may hold no
+    weight until they are loaded (ComfyUI's under dynamic VRAM), and quantized ones hold other tensors."""
+    with torch.device("meta"), _NoInitOnMeta():
+        return tensor_shapes(Bagel(cfg)), tensor_shapes(AutoEncoder(cfg.vae))
 
 
 def check_keys(
@@ -390,36 +400,81 @@ def check_keys(
     )
 
 
-def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_path, _, leaf = name.rpartition(".")
-    module = root.get_submodule(module_path)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value
+def _load_layer(root: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Hand one layer all of its tensors through PyTorch's own loading hook, assigning them (no copy into
+    the meta-built parameters): layers that load in their own way (ComfyUI's `comfy.ops`, which may have
+    no weight before this; quantized layers, which convert on the way) get them as they expect."""
+    layer = root.get_submodule(name)
+    missing: list[str] = []
+    unexpected: list[str] = []
+    errors: list[str] = []
+    prefix = f"{name}." if name else ""
+    metadata = {"assign_to_params_buffers": True}
+    layer._load_from_state_dict(tensors, prefix, metadata, True, missing, unexpected, errors)
+    problems = [*errors]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected)}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: layer {name or '(root)'} ({type(layer).__name__}) did not take its tensors: "
+            f"{'; '.join(problems)}"
+        )
+
+
+def fill(
+    module: nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    path: Path,
+) -> None:
+    """Load a meta-built `module` from `tensors` (name, tensor), one layer at a time as soon as all of its
+    tensors (`shapes`, checked beforehand) have arrived, so only a layer's worth is ever held apart from
+    the module. Afterwards every parameter and buffer must be real: a layer that kept a meta tensor did
+    not load."""
+    owned: dict[str, int] = {}
+    for key in shapes:
+        owner = key.rpartition(".")[0]
+        owned[owner] = owned.get(owner, 0) + 1
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors:
+        owner = key.rpartition(".")[0]
+        arrived = pending.setdefault(owner, {})
+        arrived[key] = tensor
+        if len(arrived) == owned[owner]:
+            _load_layer(module, owner, pending.pop(owner), path)
+    unloaded = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if pending or unloaded:
+        left = [*pending, *unloaded]
+        raise CheckpointError(f"{path}: {len(left)} tensor(s) were not loaded, first: {', '.join(left[:5])}")
+    module.requires_grad_(False)
 
 
 def stream_weights(
     module: nn.Module,
+    shapes: dict[str, tuple[int, ...]],
     weights: Weights,
     device: torch.device,
     dtype: torch.dtype,
     weight_mode: str = "native",
     hint: str = FOLDER_HINT,
 ) -> None:
-    """Check `weights` against the meta-built `module`, then fill it tensor by tensor, file by file
-    (quantizing on the way in a quantized mode: each weight is converted on the device right after it is
-    read). `hint` goes into the error when the tensors do not fit (see `check_keys`)."""
-    check_keys(weights.path, _expected_shapes(module), weights.header, hint)
+    """Check `weights` against `shapes` (`checkpoint_shapes`), then fill the meta-built `module` tensor by
+    tensor, file by file, each converted to `dtype` on `device` right after it is read (in a quantized
+    mode the target layers' weights go to them as read: they quantize on the device). `hint` goes into
+    the error when the tensors do not fit (see `check_keys`)."""
+    check_keys(weights.path, shapes, weights.header, hint)
     quantized = set() if weight_mode == "native" else quantize_linears(module, weight_mode, dtype)
-    for path, keys in weights.shards.items():
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys:
-                tensor = f.get_tensor(key).to(device=device)
-                if key in quantized:
-                    module.get_submodule(key.rpartition(".")[0]).store(tensor)
-                else:
-                    _set_tensor(module, key, tensor.to(dtype=dtype))
+
+    def read() -> Iterator[tuple[str, torch.Tensor]]:
+        for path, keys in weights.shards.items():
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key).to(device=device)
+                    yield key, tensor if key in quantized else tensor.to(dtype=dtype)
+
+    fill(module, shapes, read(), weights.path)
 
 
 _INITIALIZERS = frozenset(
@@ -546,15 +601,15 @@ def load(
     ckpt, cfg = _read(Path(path))
     ae = read_weights(_ae_file(ckpt, vae))
     bpe = _tokenizer(ckpt, tokenizer, cfg)
+    net_shapes, ae_shapes = checkpoint_shapes(cfg)
     with torch.device("meta"), _NoInitOnMeta():
         net, autoencoder = Bagel(cfg, ops), AutoEncoder(cfg.vae, ops)
-    stream_weights(
-        net, ckpt.weights, torch.device("cpu") if device_map else device, dtype, weights, ckpt.hint
-    )
+    place = torch.device("cpu") if device_map else device
+    stream_weights(net, net_shapes, ckpt.weights, place, dtype, weights, ckpt.hint)
     if device_map is not None:
         device = dispatch(net, device_map, max_memory, offload_folder)
     ae_hint = ckpt.hint if vae is None else f"{ae.path} must be FLUX's autoencoder (ae.safetensors)."
-    stream_weights(autoencoder, ae, device, vae_dtype, hint=ae_hint)
+    stream_weights(autoencoder, ae_shapes, ae, device, vae_dtype, hint=ae_hint)
     net.attn_backend = attention
     return BagelModel(net=net.eval(), vae=autoencoder.eval(), tokenizer=bpe, config=cfg, source=ckpt.source)
 

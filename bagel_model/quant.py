@@ -27,7 +27,29 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
-class Fp8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """A linear layer that stores its weight in its own format: a checkpoint's `weight` goes through
+    `store`, its `bias` is kept as it is. Both arrive through PyTorch's loading hook
+    (`_load_from_state_dict`), as for every other layer, so the loader needs no special path for them."""
+
+    bias: nn.Parameter | None
+
+    def store(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        names = {f"{prefix}weight"} | ({f"{prefix}bias"} if self.bias is not None else set())
+        missing_keys.extend(sorted(names - set(state_dict)))
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in names)
+        if f"{prefix}weight" in state_dict:
+            self.store(state_dict[f"{prefix}weight"])
+        if f"{prefix}bias" in names and f"{prefix}bias" in state_dict:
+            self.bias = nn.Parameter(state_dict[f"{prefix}bias"], requires_grad=False)
+
+
+class Fp8Linear(QuantizedLinear):
     """A bias-optional linear layer whose weight is stored as float8 with a per-row float32 scale."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
@@ -50,7 +72,7 @@ class Fp8Linear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
-class BnbLinear(nn.Module):
+class BnbLinear(QuantizedLinear):
     """A bitsandbytes nf4 or int8 linear layer, plus the `store` the loader fills quantized layers with.
 
     The bias stays outside, in the activation dtype: the checkpoint's bias keys load as they are."""
@@ -106,7 +128,7 @@ def quiet_int8_cast_warnings() -> None:
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether any layer of `module` stores its weights quantized (fp8, nf4 or int8)."""
-    return any(isinstance(m, (Fp8Linear, BnbLinear)) for m in module.modules())
+    return any(isinstance(m, QuantizedLinear) for m in module.modules())
 
 
 def quantized_targets(net: nn.Module) -> list[str]:
@@ -118,7 +140,8 @@ def quantized_targets(net: nn.Module) -> list[str]:
 
 def quantize_linears(net: nn.Module, mode: str, dtype: torch.dtype) -> set[str]:
     """Swap the target linears of a (meta-built) network for quantized ones of `mode` computing in
-    `dtype`; returns their weight keys, which the loader then routes through the layers' `store`."""
+    `dtype`; returns their weight keys, which the loader hands over as read (each layer's `store`
+    converts it)."""
     keys = set()
     for name in quantized_targets(net):
         parent_name, _, leaf = name.rpartition(".")

@@ -8,12 +8,13 @@ trained on a fixed corpus with the four BAGEL markers, and every file has the of
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import _NoInitOnMeta, _set_tensor, default_dtype, save
+from .checkpoint import _NoInitOnMeta, default_dtype, fill, save, tensor_shapes
 from .config import TINY_CONFIG, BagelConfig
 from .layers.attention import check_backend
 from .layers.embeddings import PositionTable, sincos_2d_table
@@ -103,24 +104,25 @@ def _fill_random(
     module: nn.Module, generator: torch.Generator, dtype: torch.dtype, weight_mode: str = "native"
 ) -> None:
     """Fill a meta-built `module` tensor by tensor with `randomize`'s distribution, each drawn on the
-    generator's device and stored as `checkpoint.stream_weights` stores a file's (quantized layers
-    through their `store`), so at most one full-precision tensor exists at a time."""
+    generator's device and loaded as `checkpoint.stream_weights` loads a file's (quantized layers
+    quantize theirs), so at most one full-precision tensor exists at a time."""
     device = generator.device
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}  # before quantizing renames them
-    quantized = set() if weight_mode == "native" else quantize_linears(module, weight_mode, dtype)
-    for key, shape in shapes.items():
-        parent = key.rpartition(".")[0]
-        owner = module.get_submodule(parent)
-        if isinstance(owner, PositionTable):
-            value = sincos_2d_table(shape[1], owner.grid).to(device)
-        elif _is_norm(key):
-            value = torch.randn(shape, generator=generator, device=device).mul_(0.1).add_(1)
-        else:
-            value = torch.randn(shape, generator=generator, device=device).mul_(0.05)
-        if key in quantized:
-            owner.store(value.to(dtype))
-        else:
-            _set_tensor(module, key, value.to(dtype))
+    shapes = tensor_shapes(module)  # before quantizing renames them
+    if weight_mode != "native":
+        quantize_linears(module, weight_mode, dtype)
+
+    def draw() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, shape in shapes.items():
+            owner = module.get_submodule(key.rpartition(".")[0])
+            if isinstance(owner, PositionTable):
+                value = sincos_2d_table(shape[1], owner.grid).to(device)
+            elif _is_norm(key):
+                value = torch.randn(shape, generator=generator, device=device).mul_(0.1).add_(1)
+            else:
+                value = torch.randn(shape, generator=generator, device=device).mul_(0.05)
+            yield key, value.to(dtype)
+
+    fill(module, shapes, draw(), Path("<random weights>"))
 
 
 def random_model(
