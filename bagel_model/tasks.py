@@ -21,6 +21,7 @@ from .context import Context
 from .engine import Answer, StepCallback, TextSettings, decode_text, sample_images
 from .model import BagelModel
 from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings
+from .tokenizer import check_text
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the "
@@ -44,9 +45,10 @@ def start(model: BagelModel, context: Context | None) -> Context:
 
 
 def check_prompt(prompt: str, what: str = "prompt") -> str:
+    """`prompt` if it is text the model can read; the error names the input (`what`) it came from."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"the {what} is empty")
-    return prompt
+    return check_text(prompt, f"the {what}")
 
 
 # -- text ------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def generate_images(
     _check_batch(batch_size)
     ctx = start(model, context)
     if prompt is not None and prompt.strip():
-        ctx = ctx.append_text(prompt)
+        ctx = ctx.append_text(check_prompt(prompt))
     elif not ctx.cond.segments:
         raise ValueError("the prompt is empty and there is no context to generate from")
     height = model.config.inference.default_height if height is None else height
@@ -247,7 +249,7 @@ def edit_images(
     else:
         contexts = [ctx] * batch_size
     if has_instruction:
-        contexts = _append_once(contexts, instruction)
+        contexts = _append_once(contexts, check_prompt(instruction, "edit instruction"))
     sizes = {c.image_size for c in contexts}
     if len(sizes) > 1:
         raise ValueError(

@@ -7,12 +7,14 @@ segment is wrapped in `<|vision_start|>` ... `<|vision_end|>`. The marker ids di
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TokenizerError(ValueError):
@@ -43,6 +45,7 @@ class BagelTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of plain text, with no BOS/EOS of the tokenizer's own."""
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def segment(self, text: str) -> list[int]:
@@ -51,6 +54,19 @@ class BagelTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def check_text(text: str, what: str = "the text") -> str:
+    """`text` if it can be tokenized. JSON (ComfyUI's API) can carry half of a UTF-16 surrogate pair, as
+    "\\ud800" alone; Python keeps it in a str, but it is no Unicode character and the tokenizer fails on
+    it with an opaque `TypeError: TextInputSequence must be str`, so it is refused here by name and place."""
+    if bad := _SURROGATE.search(text):
+        raise ValueError(
+            f"{what} has a lone UTF-16 surrogate U+{ord(bad.group()):04X} at character {bad.start() + 1}, "
+            "which is not a character (half of an emoji or of another character beyond U+FFFF, cut by "
+            "whatever wrote the text): delete it or retype that character"
+        )
+    return text
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:

@@ -437,6 +437,29 @@ def test_empty_inputs(tiny_model):
         tasks.think(tiny_model, P, mode="plan", settings=SHORT)
 
 
+@pytest.mark.parametrize(
+    ("run", "what"),
+    [
+        (lambda m: tasks.understand(m, "a\ud800b", settings=SHORT), "the question"),
+        (lambda m: tasks.think(m, "a\ud800b", settings=SHORT), "the instruction"),
+        (lambda m: tasks.generate_image(m, "a\ud800b", settings=T2I), "the prompt"),
+        (lambda m: tasks.generate_sequence(m, ["x", "a\ud800b"], settings=EDIT), "the prompt"),
+        (lambda m: Context.empty(m).append_text("a\ud800b"), "the text"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_with_its_position(tiny_model, run, what):
+    # ComfyUI's API takes JSON, which can carry "\ud800" alone; the tokenizer would fail with a TypeError
+    with pytest.raises(ValueError, match=rf"{what} has a lone UTF-16 surrogate U\+D800 at character 2"):
+        run(tiny_model)
+
+
+def test_an_edit_instruction_with_a_lone_surrogate_is_refused(tiny_model, picture):
+    with pytest.raises(
+        ValueError, match=r"the edit instruction has a lone UTF-16 surrogate U\+DC00 at character 1"
+    ):
+        tasks.edit_image(tiny_model, picture, "\udc00", settings=EDIT)
+
+
 # -- interruption -------------------------------------------------------------------------------------
 
 
