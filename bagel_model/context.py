@@ -95,7 +95,8 @@ class Context:
         """`history` followed by `query`'s tokens as a new segment (one decoder pass)."""
         cache = self.model.net.new_cache(query.length, history.kvs())
         self.model.run([query], [history.rope], [cache])
-        return history.then(Segment(kv=cache.new_kv(), **segment_fields), advance)
+        kv = cache.new_kv(self.model.net.kv_storage)
+        return history.then(Segment(kv=kv, **segment_fields), advance)
 
     def _text(self, text: str, targets: tuple[str, ...]) -> dict[str, History]:
         if not isinstance(text, str) or not text.strip():
@@ -187,11 +188,20 @@ class Context:
     @property
     def nbytes(self) -> int:
         """Bytes of K/V held by this context and its CFG companions (shared segments counted once)."""
+        return sum(t.nbytes for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every K/V tensor this context holds (shared segments once): what keeps it in memory."""
         seen = {}
         for hist in (self.cond, self.uncond_text, self.uncond_img):
             for s in hist.segments:
-                seen[id(s)] = s.nbytes
-        return sum(seen.values())
+                seen[id(s)] = (s.kv.k, s.kv.v)
+        return [t for pair in seen.values() for t in pair]
+
+    def _comfy_cache_tensors(self) -> list[torch.Tensor]:
+        """What ComfyUI's RAM-pressure output cache sizes an output by (it knows only tensors and this
+        hook), so that a context kept from an earlier prompt counts for its K/V."""
+        return self.tensors()
 
     def summary(self) -> str:
         kinds = [s.kind for s in self.cond.segments]

@@ -65,11 +65,22 @@ class Bagel(nn.Module):
         # weights' own device.
         self._execution: torch.device | None = None
         self._layer_devices: list[torch.device] | None = None
+        self.kv_storage: torch.device | None = None  # where context segments keep their K/V; see `place`
 
-    def place(self, execution: torch.device, layer_devices: list[torch.device] | None = None) -> None:
+    def place(
+        self,
+        execution: torch.device,
+        layer_devices: list[torch.device] | None = None,
+        kv_storage: torch.device | None = None,
+    ) -> None:
         """Record where inputs are made and where each decoder layer runs (its K/V cache lives there;
-        None: all at `execution`), for weights that a memory manager keeps elsewhere between forwards."""
+        None: all at `execution`), for weights that a memory manager keeps elsewhere between forwards.
+        `kv_storage` is where contexts keep their segments' K/V between tasks (None: where they were
+        computed): a memory manager's offload device, so that a context held by an output cache holds no
+        compute-device memory; a task joins them into its cache on the compute device (one copy per
+        task, not per step)."""
         self._execution, self._layer_devices = execution, layer_devices
+        self.kv_storage = kv_storage
 
     @property
     def device(self) -> torch.device:
@@ -180,10 +191,11 @@ class BagelModel(nn.Module):
         """Where inputs are made: the decoder's execution device."""
         return self.net.device
 
-    def place(self, execution: torch.device) -> None:
+    def place(self, execution: torch.device, kv_storage: torch.device | None = None) -> None:
         """Run everything on `execution`, wherever a memory manager keeps the weights between forwards
-        (ComfyUI's partial loading leaves some on the CPU and brings each in for its forward)."""
-        self.net.place(execution)
+        (ComfyUI's partial loading leaves some on the CPU and brings each in for its forward); contexts
+        keep their K/V on `kv_storage` between tasks (`Bagel.place`)."""
+        self.net.place(execution, kv_storage=kv_storage)
         self.vae.place(execution)
 
     @device.setter

@@ -13,6 +13,7 @@ patches ComfyUI applies to it) and reports progress, nothing else.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from types import ModuleType
 import torch
 
 from ..bagel_model import BagelModel, lora
-from ..bagel_model.layers.ops import TORCH, Ops, RMSNorm
+from ..bagel_model.layers.ops import TORCH, Ops, RMSNorm, rms_norm
 from ..bagel_model.quant import is_quantized
 
 MODEL_FOLDER = "bagel"
@@ -110,10 +111,18 @@ class ManagedModel:
         loaded partly (the rest is brought in layer by layer); quantized weights are loaded fully, since
         their layers cannot cast."""
         if self.patcher is not None:
-            full = is_quantized(self.model)
+            # A dynamic patcher streams weights and refuses a full load; quantized ones cannot cast.
+            full = is_quantized(self.model) and not is_dynamic(self.patcher)
             _comfy("comfy.model_management").load_models_gpu([self.patcher], force_full_load=full)
-            self.model.place(self.patcher.load_device)
+            # Contexts keep their K/V where ComfyUI offloads models (host RAM), visible to its caches.
+            self.model.place(self.patcher.load_device, kv_storage=self.patcher.offload_device)
         return self.model
+
+
+def is_dynamic(patcher: object) -> bool:
+    """Whether ComfyUI streams this patcher's weights by dynamic VRAM (the newest ComfyUI on NVIDIA);
+    v0.3.64's patchers do not say, and never do."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
 def layer_ops() -> Ops:
@@ -124,16 +133,25 @@ def layer_ops() -> Ops:
     if ops is None:
         return TORCH
     layers = ops.disable_weight_init
+    # Newer ComfyUI casts into a reusable (offload-stream) buffer and wants it handed back after use;
+    # v0.3.64's cast_bias_weight has no such argument.
+    offloadable = "offloadable" in inspect.signature(ops.cast_bias_weight).parameters
 
     class CastRMSNorm(RMSNorm, ops.CastWeightBiasOp):
-        """BAGEL's Qwen2 RMSNorm, its weight brought to the input by ComfyUI when it is left elsewhere."""
+        """BAGEL's Qwen2 RMSNorm, its weight brought to the input by ComfyUI when it is left elsewhere
+        (partial loading; dynamic VRAM streams every layer that way)."""
 
         bias = None  # ComfyUI's cast reads one
 
-        def weight_for(self, x: torch.Tensor) -> torch.Tensor:
-            if self.comfy_cast_weights or self.weight_function:
-                return ops.cast_bias_weight(self, x)[0]
-            return self.weight
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not (self.comfy_cast_weights or self.weight_function or self.bias_function):
+                return rms_norm(x, self.weight, self.eps)
+            if not offloadable:
+                return rms_norm(x, ops.cast_bias_weight(self, x)[0], self.eps)
+            weight, bias, stream = ops.cast_bias_weight(self, x, offloadable=True)
+            out = rms_norm(x, weight, self.eps)
+            ops.uncast_bias_weight(self, weight, bias, stream)
+            return out
 
     return Ops(
         Linear=layers.Linear,
@@ -146,11 +164,21 @@ def layer_ops() -> Ops:
 
 
 def manage(model: BagelModel, compute: torch.device, offload: torch.device) -> ManagedModel:
-    """Hand `model` (loaded on `offload`) to ComfyUI's memory manager; a plain wrapper outside ComfyUI."""
+    """Hand `model` (loaded on `offload`) to ComfyUI's memory manager; a plain wrapper outside ComfyUI.
+
+    Native weights get ComfyUI's core patcher (`CoreModelPatcher`: the dynamic-VRAM patcher where the
+    newest ComfyUI switched it on, else its ModelPatcher), with the weights' dtypes recorded as its own
+    loaders record them (`archive_model_dtypes`). Quantized weights (fp8 / nf4 / int8) stay on the legacy
+    ModelPatcher: their layers store weights in formats the dynamic patcher cannot stream."""
     model_patcher = _comfy("comfy.model_patcher")
     if model_patcher is None:
         return ManagedModel(model)
-    return ManagedModel(model, model_patcher.ModelPatcher(model, compute, offload))
+    legacy = model_patcher.ModelPatcher
+    patcher_class = legacy if is_quantized(model) else getattr(model_patcher, "CoreModelPatcher", legacy)
+    archive = getattr(_comfy("comfy.model_management"), "archive_model_dtypes", None)
+    if archive is not None:
+        archive(model)
+    return ManagedModel(model, patcher_class(model, compute, offload))
 
 
 def with_lora(managed: ManagedModel, adapter: lora.Adapter, strength: float) -> ManagedModel:

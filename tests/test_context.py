@@ -343,3 +343,34 @@ def test_cond_only_image_leaves_the_guidance_histories(tiny_model, picture):
     out = ctx.append_image(picture, cond_only=True)
     assert out.uncond_text is ctx.uncond_text and out.uncond_img is ctx.uncond_img
     assert [s.kind for s in out.cond.segments] == ["text", "vae", "vit"] and out.image_size == (64, 64)
+
+
+def test_segments_keep_their_kv_where_the_model_says_and_a_task_still_runs_after(tiny_dir, picture):
+    """A memory manager's offload device holds every segment between tasks (`kv_storage`); a task joins
+    them into its cache on the compute device, and the answer is the same as with no storage set."""
+    model = bagel_model.load(tiny_dir)
+    plain = Context.empty(model).append_text("describe the image.")
+    model.place(torch.device("cpu"), kv_storage=torch.device("meta"))  # a device no task computes on
+    stored = Context.empty(model).append_text("describe the image.")
+    assert {t.device.type for t in stored.tensors()} == {"meta"}
+    assert {t.device.type for t in plain.tensors()} == {"cpu"}
+    model.place(torch.device("cpu"))
+    reference, _ = bagel_model.understand(
+        model, "describe the image.", context=Context.empty(model).append_image(picture)
+    )
+    model.place(torch.device("cpu"), kv_storage=torch.device("cpu"))
+    answer, _ = bagel_model.understand(
+        model, "describe the image.", context=Context.empty(model).append_image(picture)
+    )
+    assert answer == reference
+
+
+def test_comfyuis_output_cache_sizes_a_context_by_its_kv(tiny_model, picture):
+    """ComfyUI's RAM-pressure cache counts CPU tensors and `_comfy_cache_tensors()`: a context reports
+    each K/V it holds once, so the bytes it counts are the context's own."""
+    ctx = Context.empty(tiny_model).append_image(picture).append_text("make the circle green")
+    tensors = ctx._comfy_cache_tensors()
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(storages) == len(tensors)  # each segment's K/V is a compact copy, not a view of a cache
+    assert sum(t.untyped_storage().nbytes() for t in tensors) == ctx.nbytes > 0
+    assert all(t.device.type == "cpu" for t in tensors)

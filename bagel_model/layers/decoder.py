@@ -122,10 +122,10 @@ class KVCache:
         end = n_past + n_query
         return KVCache(tuple(k[:end] for k in self.k), tuple(v[:end] for v in self.v), n_past)
 
-    def new_kv(self) -> KV:
-        """The query's K/V as written by the last pass, as one compact copy (a context segment) on the
-        first layer's device."""
-        home = self.k[0].device
+    def new_kv(self, home: torch.device | None = None) -> KV:
+        """The query's K/V as written by the last pass, as one compact copy (a context segment) on `home`
+        (default: the first layer's device)."""
+        home = home or self.k[0].device
         return KV(
             torch.stack([k[self.n_past :].to(home) for k in self.k]),
             torch.stack([v[self.n_past :].to(home) for v in self.v]),

@@ -23,19 +23,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Qwen2's RMSNorm (`rms_norm`). `weight_for(x)` is the weight to use with input x: a host's subclass
-    may bring it to x's device there."""
+    """Qwen2's RMSNorm (`rms_norm`); a host's subclass may bring the weight to the input's device in its
+    forward."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight_for(x), self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass(frozen=True)
