@@ -306,7 +306,8 @@ def generate_sequences(
 ) -> tuple[list[list[Image.Image]], list[Context]]:
     """`batch_size` image sequences side by side, one image per prompt: each is appended clean to its
     context before the next, so frame k conditions frame k+1 (multi-frame motion, world navigation).
-    Frame k of item b uses seed + b + k. Returns each item's frames and its final context."""
+    Frame k of item b uses seed + b + k. A side not given is the context's latest image's, or the
+    model's default with no image. Returns each item's frames and its final context."""
     if not prompts:
         raise ValueError("a sequence needs at least one prompt")
     for prompt in prompts:
@@ -315,13 +316,15 @@ def generate_sequences(
     ctx = start(model, context)
     if image is not None:
         ctx = ctx.append_image(image)
-    if ctx.image_size is None and (height is None or width is None):
-        height = model.config.inference.default_height if height is None else height
-        width = model.config.inference.default_width if width is None else width
+    # resolved once: an appended frame is resized as an input, so its size is not the one asked for
+    base_h, base_w = ctx.image_size or (
+        model.config.inference.default_height,
+        model.config.inference.default_width,
+    )
+    h, w = (base_h if height is None else height), (base_w if width is None else width)
     contexts, frames = [ctx] * batch_size, [[] for _ in range(batch_size)]
     for k, prompt in enumerate(prompts):
         contexts = _append_once(contexts, prompt)
-        h, w = (height, width) if height and width else contexts[0].image_size
         frame_seed = None if seed is None else seed + k
         out = render(model, contexts, h, w, settings, frame_seed, None, callback, append_result=True)
         for item, frame in zip(frames, out.images, strict=True):

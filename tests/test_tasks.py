@@ -407,6 +407,22 @@ def test_generate_sequence_from_image(tiny_model, picture):
         tasks.generate_sequence(tiny_model, [" ", "x"], settings=EDIT)
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "from_text", "from_image"),
+    [(None, 32, (32, 64), (32, 64)), (32, None, (64, 32), (96, 32))],
+)
+def test_a_sequence_takes_a_lone_height_or_width(tiny_model, picture, height, width, from_text, from_image):
+    # as generate_image and edit_image do: the other side is the model's default, or the context's image's
+    prompts = ["the red circle moves right", "the red circle moves down"]
+    frames, _ = tasks.generate_sequence(tiny_model, prompts, height=height, width=width, settings=EDIT)
+    assert [f.size for f in frames] == [from_text] * 2
+    image = picture.resize((100, 70))  # 96x64 after the official resize
+    frames, _ = tasks.generate_sequence(
+        tiny_model, prompts, image=image, height=height, width=width, settings=EDIT
+    )
+    assert [f.size for f in frames] == [from_image] * 2
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 
 
