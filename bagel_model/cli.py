@@ -22,7 +22,7 @@ from . import lora, tasks
 from .checkpoint import DTYPE_CHOICES, resolve_dtype
 from .model import BagelModel
 from .offload import parse_memory
-from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
+from .quant import BNB_MODES, WEIGHT_MODES, bitsandbytes, quiet_int8_cast_warnings
 from .reasoning import PROTOCOLS, THINKMORPH, reason
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
 
@@ -72,6 +72,11 @@ def _model(args: argparse.Namespace) -> BagelModel:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
+    if args.weights in BNB_MODES:
+        try:
+            bitsandbytes()
+        except ImportError as e:  # an optional package, so the user's to install: one line, not a traceback
+            raise ValueError(str(e)) from None
     return lora.load(
         args.model or default_model_dir(),
         args.lora,

@@ -224,6 +224,13 @@ def test_error_unreadable_image(capsys, tmp_path, tiny_dir):
     _assert_one_line_error(rc, out, err, "missing.png does not exist")
 
 
+@pytest.mark.parametrize("weights", ["nf4", "int8"])
+def test_error_bitsandbytes_missing(capsys, monkeypatch, tiny_dir, weights):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    rc, out, err = _run(capsys, "understand", "--model", tiny_dir, "--prompt", "hi", "--weights", weights)
+    _assert_one_line_error(rc, out, err, "need the bitsandbytes package: pip install bitsandbytes", "'fp8'")
+
+
 def test_error_width_not_a_multiple_of_16(capsys, tmp_path, tiny_dir):
     path = tmp_path / "o.png"
     rc, out, err = _run(
