@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import lora
 from .config import (
     BAGEL_7B_MOT,
     BagelConfig,
@@ -575,6 +576,7 @@ def load(
     max_memory: dict[str | int, str] | None = None,
     offload_folder: Path | str | None = None,
     ops: Ops = TORCH,
+    loras: Sequence[tuple[Path | str, float]] = (),
 ) -> BagelModel:
     """Load a BAGEL model folder or single file (layouts: module docstring). Strict: any missing, extra
     or mis-shaped tensor is an error.
@@ -586,7 +588,9 @@ def load(
     and `offload_folder` spread the decoder over devices or offload it to the CPU and disk in accelerate's
     vocabulary (`offload.dispatch`; the map is "auto" when only a budget is given); the weights stream to
     the CPU first, then into place. `ops` are the layer classes to build with (`layers.ops`; a host's own,
-    e.g. ComfyUI's). Unusable choices are refused here, before any weight is read."""
+    e.g. ComfyUI's). `loras` are (PEFT adapter, strength) pairs merged in order into the native weights
+    before the model is placed (a merge after accelerate placed it would miss offloaded layers). Unusable
+    choices and unreadable adapters are refused here, before any weight is read."""
     check_backend(attention)
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weight mode {weights!r} is unknown; choose one of {', '.join(WEIGHT_MODES)}")
@@ -598,6 +602,7 @@ def load(
         device_map = "auto"
     if device_map is not None and weights != "native":
         raise CheckpointError(f"weights {weights!r} cannot be combined with a device map; use weights native")
+    adapters = [(lora.read(adapter), strength) for adapter, strength in loras]
     ckpt, cfg = _read(Path(path))
     ae = read_weights(_ae_file(ckpt, vae))
     bpe = _tokenizer(ckpt, tokenizer, cfg)
@@ -606,6 +611,9 @@ def load(
         net, autoencoder = Bagel(cfg, ops), AutoEncoder(cfg.vae, ops)
     place = torch.device("cpu") if device_map else device
     stream_weights(net, net_shapes, ckpt.weights, place, dtype, weights, ckpt.hint)
+    for adapter, strength in adapters:
+        lora.check(net, adapter, strength)
+        lora.merge(net, adapter, strength)
     if device_map is not None:
         device = dispatch(net, device_map, max_memory, offload_folder)
     ae_hint = ckpt.hint if vae is None else f"{ae.path} must be FLUX's autoencoder (ae.safetensors)."

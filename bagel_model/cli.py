@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from . import lora, tasks
-from .checkpoint import DTYPE_CHOICES, resolve_dtype
+from . import tasks
+from .checkpoint import DTYPE_CHOICES, load, resolve_dtype
 from .model import BagelModel
 from .offload import parse_memory
 from .quant import BNB_MODES, WEIGHT_MODES, bitsandbytes, quiet_int8_cast_warnings
@@ -77,9 +77,9 @@ def _model(args: argparse.Namespace) -> BagelModel:
             bitsandbytes()
         except ImportError as e:  # an optional package, so the user's to install: one line, not a traceback
             raise ValueError(str(e)) from None
-    return lora.load(
+    return load(
         args.model or default_model_dir(),
-        args.lora,
+        loras=args.lora,
         device=device,
         dtype=dtype,
         weights=args.weights,
@@ -347,7 +347,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument(
         "--device-map",
-        help="spread the decoder with accelerate: auto, balanced, sequential (auto with --max-memory)",
+        help="spread the decoder with accelerate: auto, balanced, balanced_low_0, sequential (auto with --max-memory)",
     )
     p.add_argument(
         "--max-memory",

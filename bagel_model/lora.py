@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from . import checkpoint
 from .model import Bagel, BagelModel
 from .quant import BnbLinear, Fp8Linear
 
@@ -203,15 +201,16 @@ def _quantized_mode(module: nn.Module) -> str | None:
     return None
 
 
-def check(model: BagelModel, adapter: Adapter, strength: float) -> None:
-    """Raise a LoraError unless every weight the adapter changes is a native linear weight of `model` of
-    the factors' shape, and `strength` is a finite number."""
+def check(model: BagelModel | Bagel, adapter: Adapter, strength: float) -> None:
+    """Raise a LoraError unless every weight the adapter changes is a native linear weight of `model` (a
+    loaded model, or its network) of the factors' shape, and `strength` is a finite number."""
+    net = model.net if isinstance(model, BagelModel) else model
     if not math.isfinite(strength):
         raise LoraError(f"LoRA strength {strength} is not a finite number")
     unmatched, misshaped = [], []
     for key, low in adapter.weights.items():
         try:
-            module = model.net.get_submodule(key.removesuffix(".weight"))
+            module = net.get_submodule(key.removesuffix(".weight"))
         except AttributeError:
             unmatched.append(low.name)
             continue
@@ -240,7 +239,7 @@ def check(model: BagelModel, adapter: Adapter, strength: float) -> None:
 
 
 @torch.no_grad()
-def _merge(net: Bagel, adapter: Adapter, strength: float) -> None:
+def merge(net: Bagel, adapter: Adapter, strength: float) -> None:
     """Replace each adapted weight of `net` by a new parameter holding the merged weight (computed in
     float32, stored in the weight's dtype); the old tensors are not written to."""
     for key, low in adapter.weights.items():
@@ -252,20 +251,18 @@ def _merge(net: Bagel, adapter: Adapter, strength: float) -> None:
 
 def apply(model: BagelModel, adapter: Adapter, strength: float = 1.0) -> BagelModel:
     """A new model: `model` with `adapter` merged at `strength`. `model` is unchanged; the two share every
-    tensor the adapter does not change (memory: one copy of the adapted weights)."""
+    tensor the adapter does not change (memory: one copy of the adapted weights).
+
+    A model that accelerate placed (a device map, CPU or disk offload) is refused: its offloaded layers
+    run from weights accelerate keeps apart, which a merge would never reach."""
+    if any(hasattr(m, "_hf_hook") for m in model.net.modules()):
+        raise LoraError(
+            f"LoRA {adapter.path} cannot be applied to a model placed by a device map (offloaded layers "
+            "would keep their base weights): give it while loading, load(..., loras=[(adapter, strength)]) "
+            "or --lora on the command line"
+        )
     check(model, adapter, strength)
     shared = {id(t): t for t in itertools.chain(model.net.parameters(), model.net.buffers())}
     net = copy.deepcopy(model.net, shared)  # new modules around the same tensors
-    _merge(net, adapter, strength)
+    merge(net, adapter, strength)
     return BagelModel(net, model.vae, model.tokenizer, model.config, model.source)
-
-
-def load(path: Path | str, loras: Iterable[tuple[Path | str, float]] = (), **options) -> BagelModel:
-    """`checkpoint.load(path, **options)` with each (adapter, strength) of `loras` merged in place, in
-    order. Every adapter is read before the model, so a bad one fails before the weights are read."""
-    adapters = [(read(lora), strength) for lora, strength in loras]
-    model = checkpoint.load(path, **options)
-    for adapter, strength in adapters:
-        check(model, adapter, strength)
-        _merge(model.net, adapter, strength)
-    return model

@@ -26,6 +26,7 @@ from .model import Bagel
 # Modules BAGEL runs as a whole (or that hold their own parameters): a device map may place them.
 UNITS = (MoTDecoderLayer, SiglipEncoderLayer)
 NO_SPLIT = [cls.__name__ for cls in UNITS]
+MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 class OffloadError(ValueError):
@@ -84,14 +85,23 @@ def dispatch(
     max_memory: dict[str | int, str] | None,
     offload_folder: Path | str | None,
 ) -> torch.device:
-    """Place `net` (loaded on the CPU) by `device_map` ("auto": fill `max_memory` in order: GPUs, then the
-    CPU, then `offload_folder` on disk). Returns the execution device, where inputs must be made."""
+    """Place `net` (loaded on the CPU) by `device_map`: an explicit map, or a strategy name as accelerate
+    (and transformers) mean it (`MAP_STRATEGIES`): "sequential" fills `max_memory` in order (GPUs, then the
+    CPU, then `offload_folder` on disk); "auto" and "balanced" first spread the GPUs' budgets evenly,
+    "balanced_low_0" keeps GPU 0 as empty as it can (room for the generation's activations there).
+    Returns the execution device, where inputs must be made."""
     accelerate = _accelerate()
     if isinstance(device_map, str):
-        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-            raise OffloadError(f"device map {device_map!r} is unknown; use auto, balanced or sequential")
+        if device_map not in MAP_STRATEGIES:
+            raise OffloadError(f"device map {device_map!r} is unknown; use {', '.join(MAP_STRATEGIES)}")
+        budget = max_memory
+        if device_map != "sequential":
+            budget = accelerate.utils.get_balanced_memory(
+                net, max_memory=max_memory, no_split_module_classes=NO_SPLIT, dtype=net.dtype,
+                low_zero=device_map == "balanced_low_0",
+            )  # fmt: skip
         device_map = accelerate.infer_auto_device_map(
-            net, max_memory=max_memory, no_split_module_classes=NO_SPLIT, dtype=net.dtype
+            net, max_memory=budget, no_split_module_classes=NO_SPLIT, dtype=net.dtype
         )
     device_map = _split_containers(dict(device_map), net)
     if "disk" in device_map.values() and offload_folder is None:

@@ -237,7 +237,22 @@ def test_misshaped_and_quantized_targets_and_bad_strength_are_refused(tmp_path, 
     with pytest.raises(lora.LoraError, match="not a finite number"):
         lora.apply(base, lora.read(adapter_dir), float("nan"))
     with pytest.raises(lora.LoraError, match="stored as fp8.*weights native"):
-        lora.load(default_model_dir(), [(adapter_dir, 1.0)], weights="fp8")
+        bagel_model.load(default_model_dir(), loras=[(adapter_dir, 1.0)], weights="fp8")
+
+
+def test_an_offloaded_model_keeps_its_lora_and_a_placed_one_refuses_it(
+    tmp_path, adapter_dir, merged_image, pixels
+):
+    """Adapters merge before accelerate places the layers: offloaded layers run from weights accelerate
+    keeps apart, so a merge after placement left them as they were (the image was the base's)."""
+    pytest.importorskip("accelerate")
+    budget = {"max_memory": {"cpu": "4MiB"}, "offload_folder": tmp_path / "off"}
+    offloaded = bagel_model.load(default_model_dir(), loras=[(adapter_dir, STRENGTH)], **budget)
+    assert "disk" in offloaded.net.hf_device_map.values()
+    assert close(pixels(draw(offloaded)), merged_image)
+    placed = bagel_model.load(default_model_dir(), max_memory={"cpu": "4MiB"}, offload_folder=tmp_path / "b")
+    with pytest.raises(lora.LoraError, match="placed by a device map.*while loading"):
+        lora.apply(placed, lora.read(adapter_dir))
 
 
 # -- CLI ------------------------------------------------------------------------------------------------

@@ -71,3 +71,31 @@ def test_a_map_on_a_container_is_split_to_what_the_model_runs(tiny_model):
     assert "language_model" not in split and split["language_model.lm_head"] == "cpu"
     assert split["language_model.model.layers.0"] == "cpu"  # a decoder layer stays whole
     assert split["language_model.model.embed_tokens"] == "cpu" and split["vae2llm"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "balanced"),
+    [("auto", False), ("balanced", False), ("balanced_low_0", True), ("sequential", None)],
+)
+def test_each_map_strategy_is_what_accelerate_means_by_it(tmp_path, monkeypatch, strategy, balanced):
+    """auto / balanced spread the GPU budgets evenly first, balanced_low_0 keeps GPU 0 light, sequential
+    fills the budgets in order (the same call for all four was accepted and ignored before)."""
+    import accelerate
+
+    calls = []
+    real = accelerate.utils.get_balanced_memory
+
+    def recording(*args, low_zero=False, **kwargs):
+        calls.append(low_zero)
+        return real(*args, low_zero=low_zero, **kwargs)
+
+    monkeypatch.setattr(accelerate.utils, "get_balanced_memory", recording)
+    model = bagel_model.load(
+        default_model_dir(), device_map=strategy, max_memory={"cpu": "4MiB"}, offload_folder=tmp_path
+    )
+    assert "disk" in model.net.hf_device_map.values()
+    assert calls == ([] if balanced is None else [balanced])
+    with pytest.raises(
+        offload.OffloadError, match="'balance' is unknown; use auto, balanced, balanced_low_0"
+    ):
+        bagel_model.load(default_model_dir(), device_map="balance")
