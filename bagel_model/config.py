@@ -291,7 +291,8 @@ TINY_CONFIG = BagelConfig(
     ),
     vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
-    # Sized for the 64x64 shapes world: images stay small, so contexts stay within the 4096-position window.
+    # Sized for the tests' 64x64 pictures: images stay small, so contexts stay within the 4096-position
+    # window. (The shapes world is 48 px: the bundled model, a different size, says so in its folder.)
     inference=InferenceConfig(
         vae_limits=ImageLimits(max_size=256, min_size=64, stride=16),
         vit_limits=ImageLimits(max_size=224, min_size=56, stride=14),
