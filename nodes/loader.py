@@ -201,14 +201,6 @@ def download(repo_id: str, timeout: int | None = None) -> Path:
     broken = broken_files(folder)
     if not broken:
         return folder
-    legacy = roots[0] / name.split("--")[-1]
-    if legacy != folder and is_model_folder(legacy) and not folder.exists():
-        raise DownloadError(
-            f"{legacy} exists (an earlier version of this node downloaded there, or you put a model "
-            f"there); downloads of {repo_id} now go to {folder}, so that repos of the same name do not mix. "
-            f"If it holds {repo_id}, rename it to {folder.name}; otherwise turn download_if_missing off and "
-            f"pick {legacy.name} in model_name."
-        )
     for file in broken:
         (folder / file).unlink(missing_ok=True)
     fetch(repo_id, folder, _timeout(timeout))
@@ -388,6 +380,8 @@ class BAGELLoader:
         vae_name=AUTO,
     ):
         path = download(repo_id) if download_if_missing else find_model(model_name)
+        if path.is_file():
+            read_header(path)  # a cut or foreign file is named as such, before its missing parts are
         vae, tokenizer = vae_file(path, vae_name), tokenizer_folder(path)
         compute, offload = comfy_bridge.devices()
         dtype = resolve_dtype(dtype, compute)
