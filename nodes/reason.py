@@ -6,7 +6,7 @@ runs them); the node converts the widgets, joins progress across the rounds, and
 
 from __future__ import annotations
 
-from ..bagel_model import EDIT_SETTINGS, PROTOCOLS, THINKMORPH, reason
+from ..bagel_model import EDIT_SETTINGS, PROTOCOLS, THINKMORPH, ZEBRA_COT, reason
 from .comfy_bridge import Progress, no_output, previewer
 from .images import to_image, to_pil
 from .sockets import (
@@ -62,11 +62,19 @@ class BAGELReason:
                     default=THINKMORPH.name,
                 ),
                 "max_rounds": widget(
-                    "INT", "Most pictures to draw (ThinkMorph's official cap: 3; Zebra-CoT has none): a "
-                    "request for one more ends the loop.",
-                    default=THINKMORPH.max_rounds, min=0, max=16,
+                    "INT", "Most pictures to draw: a request for one more ends the loop. -1: the mode's "
+                    f"(thinkmorph: {THINKMORPH.max_rounds}, ThinkMorph's official cap; zebra-cot: "
+                    f"{ZEBRA_COT.max_rounds}, as Zebra-CoT has none).",
+                    default=-1, min=-1, max=16,
                 ),
                 **text_inputs(THINKMORPH.text),
+                # replaces text_inputs' widget where it stands (a dict keeps a key's first position)
+                "max_new_tokens": widget(
+                    "INT", "Most tokens per text segment; decoding stops earlier at the segment's end. 0: "
+                    f"the mode's (thinkmorph: {THINKMORPH.text.max_new_tokens}, zebra-cot: "
+                    f"{ZEBRA_COT.text.max_new_tokens}, as each runs officially).",
+                    default=0, min=0, max=16384,
+                ),
                 "seed": seed_input(),
                 **sampler_inputs(EDIT_SETTINGS),
             },
@@ -82,12 +90,16 @@ class BAGELReason:
         image=None, context=None, **sampler,
     ):  # fmt: skip
         bagel = model.ready()
+        # a widget's default cannot follow the mode widget, so -1 rounds and 0 tokens stand for the mode's
+        protocol = PROTOCOLS[mode]
+        max_rounds = protocol.max_rounds if max_rounds < 0 else max_rounds
+        max_new_tokens = max_new_tokens or protocol.text.max_new_tokens
         out = reason(
             bagel,
             question,
             image=None if image is None else to_pil(image),
             context=context,
-            protocol=PROTOCOLS[mode],
+            protocol=protocol,
             max_rounds=max_rounds,
             text_settings=text_settings(max_new_tokens, do_sample, temperature),
             flow_settings=flow_settings(**sampler),

@@ -988,6 +988,27 @@ def test_reason_at_max_rounds_says_so(model, scene, script):
     )
 
 
+@pytest.mark.parametrize("mode", ["thinkmorph", "zebra-cot"])
+def test_reason_defaults_are_the_modes(model, scene, monkeypatch, mode):
+    # a widget's default cannot follow another widget: the defaults are sentinels the node resolves per mode
+    required = NODES["BAGELReason"].INPUT_TYPES()["required"]
+    assert (required["max_rounds"][1]["default"], required["max_new_tokens"][1]["default"]) == (-1, 0)
+    seen = {}
+
+    def library_reason(*args, **kwargs):
+        seen.update(kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(importlib.import_module(f"{PACK}.nodes.reason"), "reason", library_reason)
+    with pytest.raises(Interrupted):
+        reason_node(model, image=scene[0], mode=mode, max_rounds=-1, max_new_tokens=0)
+    protocol = lib.PROTOCOLS[mode]  # ThinkMorph: 3 rounds of 4096 tokens; Zebra-CoT: 8 of 1000
+    assert (seen["max_rounds"], seen["text_settings"]) == (protocol.max_rounds, protocol.text)
+    with pytest.raises(Interrupted):
+        reason_node(model, image=scene[0], mode=mode, max_rounds=0, max_new_tokens=5)
+    assert (seen["max_rounds"], seen["text_settings"].max_new_tokens) == (0, 5)
+
+
 def test_reason_progress_follows_each_round_and_cancel_stops_it(model, scene, script):
     script("<image_start>", "<answer>x</answer>")
     modules, bars = fake_comfy()
