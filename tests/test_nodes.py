@@ -581,6 +581,24 @@ def test_download_refuses_a_repo_id_that_is_not_one(models_dir, monkeypatch):
             load_downloading(bad)
 
 
+def comfy_type_name(cls: type) -> str:
+    """How ComfyUI names an error's type in its UI and API (`full_type_name` in its execution.py, 0.3.64)."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def test_comfyui_names_our_errors_by_class_only():
+    # ComfyUI imports the pack by its path, so the module would read /.../custom_nodes/comfyui-bagel-mot...
+    ours = {
+        value
+        for name, module in list(sys.modules.items())
+        if name.startswith(f"{PACK}.")
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ in (name, "builtins")
+    }
+    assert {lib.lora.LoraError, lib.ContextError, lib.CheckpointError, loader.DownloadError} <= ours
+    assert sorted(comfy_type_name(cls) for cls in ours) == sorted(cls.__qualname__ for cls in ours)
+
+
 # -- IMAGE conversion -----------------------------------------------------------------------------------
 
 
