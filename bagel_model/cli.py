@@ -2,18 +2,22 @@
 
 Every command loads a model folder (default: the bundled model), runs one task and prints a line per
 result, or one JSON object with `--json` (`text` for an answer, `thought` for a plan, `image` for a written
-file). Errors a user can fix are printed as one line and exit with status 2, never as a traceback.
+file). `understand` and `reason` take `--stream`: the text is printed as it is decoded, before those lines
+(to stderr with `--json`, so stdout stays the one JSON object). Errors a user can fix are printed as one
+line and exit with status 2, never as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -128,6 +132,42 @@ def _progress(args: argparse.Namespace) -> Callable | None:
     return show
 
 
+class Stream:
+    """`--stream`: a task's callback that prints its text as it grows (the text so far comes with each
+    decoded token), the new part only. Where the text changed behind what was printed (Reason's
+    `[drawing image k]` marker becoming `[image k]`), the changed line is printed again on a new line, so
+    the output only ever grows and reads right in a pipe."""
+
+    def __init__(self, out: TextIO):
+        self._out = out
+        self._shown = ""
+
+    def __call__(self, _step: int, _total: int, payload: object) -> None:
+        if isinstance(payload, str):
+            self._show(payload)
+
+    def finish(self, text: str) -> None:
+        """The final text: what is not shown yet, then the end of the line."""
+        self._show(text)
+        print(file=self._out, flush=True)
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self._shown):
+            new = text[len(self._shown) :]
+        else:
+            same = len(os.path.commonprefix([self._shown, text]))
+            line = text.rfind("\n", 0, same) + 1  # the changed line starts here
+            new = "\n" + text[line:]
+        print(new, end="", file=self._out, flush=True)
+        self._shown = text
+
+
+def _stream(args: argparse.Namespace) -> Stream | None:
+    if not args.stream:
+        return None
+    return Stream(sys.stderr if args.json else sys.stdout)
+
+
 def _save(image: Image.Image, out: str) -> str:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,9 +179,12 @@ def cmd_understand(args: argparse.Namespace) -> Output:
     image = _open_image(args.image) if args.image else None
     model = _model(args)
     settings = tasks.TextSettings(max_new_tokens=args.max_new_tokens)
+    stream = _stream(args)
     answer, _ = tasks.understand(
-        model, args.prompt, image=image, think=args.think, settings=settings, seed=args.seed
+        model, args.prompt, image=image, think=args.think, settings=settings, seed=args.seed, callback=stream
     )
+    if stream is not None:
+        stream.finish(answer)
     # stop: "end", "max_new_tokens", or "window" (cut where the model's position window ends)
     return Output({"text": answer, "stop": answer.stop})
 
@@ -232,10 +275,13 @@ def cmd_reason(args: argparse.Namespace) -> Output:
     )
     settings = _flow_settings(args, EDIT_SETTINGS)
     model = _model(args)
+    stream = _stream(args)
     out = reason(
         model, args.prompt, image=image, protocol=protocol, max_rounds=args.max_rounds, text_settings=text,
-        flow_settings=settings, seed=args.seed, callback=_progress(args),
+        flow_settings=settings, seed=args.seed, callback=stream or _progress(args),
     )  # fmt: skip
+    if stream is not None:
+        stream.finish(out.transcript)
     values = {"answer": out.answer, "stop": out.stop, "transcript": out.transcript}
     return Output({**values, "images": _save_all(out.images, args.out_dir, "image")})
 
@@ -347,7 +393,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument(
         "--device-map",
-        help="spread the decoder with accelerate: auto, balanced, balanced_low_0, sequential (auto with --max-memory)",
+        help="spread the decoder with accelerate: auto, balanced, balanced_low_0, sequential (auto with "
+        "--max-memory)",
     )
     p.add_argument(
         "--max-memory",
@@ -374,6 +421,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _stream_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help=f"print {what} as it is decoded, before the result lines (to stderr with --json)",
+    )
 
 
 def _flow_options(p: argparse.ArgumentParser) -> None:
@@ -410,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--think", action="store_true", help="reason before answering")
     p.add_argument("--max-new-tokens", type=int, default=tasks.TextSettings().max_new_tokens)
+    _stream_option(p, "the answer")
     p.set_defaults(run=cmd_understand)
 
     p = sub.add_parser("generate", help="text to image")
@@ -445,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="tokens per text segment (default: the protocol's)")
     p.add_argument("--out-dir", required=True, help="folder for the drawn images")
     _sampler_options(p)
+    _stream_option(p, "the transcript, with a line where a picture is being drawn,")
     p.set_defaults(run=cmd_reason)
 
     p = sub.add_parser("demo", help="run every task once and write a contact sheet")

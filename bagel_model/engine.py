@@ -6,8 +6,9 @@ token, one per denoising step). The context stays as it was, so a loop stopped p
 interrupt raised in the callback) leaves nothing half-written.
 
 Progress and interruption go through one optional `callback(step, total, payload)`, called after each
-decoded token (payload: the text so far) or denoising step (payload: the step's estimate of the clean
-latent, (z, H/8, W/8) or (B, z, H/8, W/8) for a batch, in the model's scaled space: what a preview shows).
+decoded token (payload: the text so far, a prefix of the answer, so a caller can stream it) or denoising
+step (payload: the step's estimate of the clean latent, (z, H/8, W/8) or (B, z, H/8, W/8) for a batch, in
+the model's scaled space: what a preview shows).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .model import BagelModel
 from .sampling import FlowSettings, batch_cfg, cfg_active, check_finite, combine_cfg, euler
 
 StepCallback = Callable[[int, int, object], None]
-"""callback(step, total, payload): the text so far (decoding) or the clean-latent estimate (sampling)."""
+"""callback(step, total, payload): the text so far (a `str`: decoding) or the clean-latent estimate (a
+tensor: sampling)."""
 
 
 # -- text ------------------------------------------------------------------------------------------
@@ -87,7 +89,10 @@ def decode_text(
     end of the model's position window, whichever comes first (`Answer.stop` says which).
 
     Each token costs one decoder pass against one cache sized for the whole answer, so no pass copies the
-    history."""
+    history. The callback's text grows by prefixes and its last one is the answer (read off the ids as the
+    answer is), except where the answer is cut at the end to fit the window (STOP_WINDOW): a token that
+    ends inside a character shows once the character is whole (so an answer that ends in a broken one
+    shows without it)."""
     if not history.segments:
         raise ContextError("there is nothing to answer: the context is empty")
     room = answer_room(model, history)
@@ -115,7 +120,7 @@ def decode_text(
             break
         ids.append(next_id)
         if callback is not None:
-            callback(step + 1, budget, model.tokenizer.decode(ids[1:]))
+            callback(step + 1, budget, _text_of(model, ids).rstrip(PARTIAL_CHARACTER))
     if stop is None:
         stop = STOP_BUDGET if budget == settings.max_new_tokens else STOP_WINDOW
     text = _text_of(model, ids)
@@ -125,6 +130,9 @@ def decode_text(
         ids.pop()
         text, stop = _text_of(model, ids), STOP_WINDOW
     return Answer(text, stop)
+
+
+PARTIAL_CHARACTER = "\ufffd"  # what byte-level decoding shows for the first bytes of a multi-byte character
 
 
 def _text_of(model: BagelModel, ids: list[int]) -> str:

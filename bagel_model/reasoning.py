@@ -20,6 +20,10 @@ the size of the latest image, and sample text at temperature 0.3.
 
 A loop ends at the final answer, at a segment that asks for no image, after `max_rounds` images, or when a
 segment hits its token budget or the model's position window (`Reasoning.stop` says which).
+
+The callback's text is the transcript so far, so a caller streams the whole loop as one text: while a
+segment decodes it grows by the segment's text, and as a picture starts (step 0 of its denoising) it ends
+with a `[drawing image k]` marker, which becomes `[image k]` once the picture is drawn.
 """
 
 from __future__ import annotations
@@ -108,12 +112,20 @@ class Reasoning:
 
     @property
     def transcript(self) -> str:
-        parts = []
-        for k, text in enumerate(self.texts):
-            parts.append(text)
-            if k < len(self.images):
-                parts.append(f"[image {k + 1}]")
-        return "\n".join(parts)
+        return transcript(self.texts, len(self.images))
+
+
+def transcript(texts: list[str], images: int, drawing: bool = False) -> str:
+    """Every text segment in order, with `[image k]` where picture k was drawn (image k follows
+    texts[k - 1]); `drawing`: picture `images + 1` is being drawn after the last segment."""
+    parts = []
+    for k, text in enumerate(texts):
+        parts.append(text)
+        if k < images:
+            parts.append(f"[image {k + 1}]")
+    if drawing:
+        parts.append(f"[drawing image {images + 1}]")
+    return "\n".join(parts)
 
 
 def final_answer(text: str) -> str:
@@ -170,7 +182,8 @@ def reason(
     texts: list[str] = []
     images: list[Image.Image] = []
     while True:
-        segment = decode_text(model, views.text.cond, text_settings, seed + len(texts), callback)
+        live = None if callback is None else _transcript_callback(callback, tuple(texts), len(images))
+        segment = decode_text(model, views.text.cond, text_settings, seed + len(texts), live)
         texts.append(segment)
         views = (
             views.add_text(segment, protocol, cond_only=protocol.fixed_guidance) if segment.strip() else views
@@ -178,9 +191,21 @@ def reason(
         stop = _stop(protocol, segment, len(images), max_rounds)
         if stop is not None:
             return Reasoning(final_answer(segment), texts, images, views.image, stop)
+        if callback is not None:
+            callback(0, flow_settings.num_steps - 1, transcript(texts, len(images), drawing=True))
         drawn = _draw(model, views.image, flow_settings, seed + len(images), callback)
         images.append(drawn)
         views = views.add_image(drawn, protocol, cond_only=protocol.fixed_guidance)
+
+
+def _transcript_callback(callback: StepCallback, texts: tuple[str, ...], images: int) -> StepCallback:
+    """`callback` for the segment after `texts` and `images` pictures: its text so far becomes the
+    transcript so far."""
+
+    def report(step: int, total: int, text: str) -> None:
+        callback(step, total, transcript([*texts, text], images))
+
+    return report
 
 
 def _opening(ctx: Context, question: str, image: Image.Image | None, protocol: Protocol) -> _Views:

@@ -1032,9 +1032,9 @@ def test_reason_progress_follows_each_round_and_cancel_stops_it(model, scene, sc
     modules, bars = fake_comfy()
     with mock.patch.dict(sys.modules, modules):
         reason_node(model, image=scene[0], steps=4)
-    (bar,) = bars  # one bar, restarted by each text segment and picture (3 evaluated steps)
+    (bar,) = bars  # one bar, restarted by each text segment and picture (at 0 of its 3 evaluated steps)
     shown = list(zip(bar.values, bar.totals, strict=True))
-    assert shown == [(1, 2), (2, 2), (1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]
+    assert shown == [(1, 2), (2, 2), (0, 3), (1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]
     script("<image_start>", "<answer>x</answer>")
     ctx = scene[1]
     before = ctx.summary()
