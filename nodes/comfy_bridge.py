@@ -2,9 +2,9 @@
 
 Everything ComfyUI-specific the nodes use goes through here: the `models/bagel` folder, the compute and
 offload devices, the memory manager (a `ModelPatcher`, so ComfyUI can offload BAGEL when other models need
-room, and its "Unload models" / `POST /free` reach it), progress bars and interrupts. Each ComfyUI module
-is imported lazily and every function has a plain fallback, so the nodes import, run and test without
-ComfyUI (CI has none).
+room, and its "Unload models" / `POST /free` reach it), progress bars, live text and interrupts. Each
+ComfyUI module is imported lazily and every function has a plain fallback, so the nodes import, run and test
+without ComfyUI (CI has none).
 
 This module knows no BAGEL task and no ComfyUI type conversion: it carries a loaded model (and the LoRA
 patches ComfyUI applies to it) and reports progress, nothing else.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,3 +303,55 @@ def no_output() -> object:
     None outside ComfyUI."""
     graph_utils = _comfy("comfy_execution.graph_utils")
     return None if graph_utils is None else graph_utils.ExecutionBlocker(None)
+
+
+# -- live text --------------------------------------------------------------------------------------
+
+
+class LiveText:
+    """Text as it is decoded, shown on node `node_id` while it grows, as ComfyUI's progress text
+    (`PromptServer.send_progress_text`: a binary websocket message to the client that queued the prompt).
+
+    A library callback: each call goes to `callback` first (progress, interrupts), and a `str` payload (the
+    text so far) is sent on. Not every token is sent: a message goes out for the first text, then once
+    `every` more tokens came or `interval` seconds passed since the last message, whichever comes first, so
+    text shows within a few tokens and a tenth of a second, and a fast model sends a message per few
+    tokens, not one per token. `finish` always sends the final text. Without a node id or outside ComfyUI
+    nothing is sent."""
+
+    def __init__(
+        self,
+        node_id: str | None,
+        callback: Callable[[int, int, object], None],
+        every: int = 4,
+        interval: float = 0.1,
+    ):
+        self._node_id = node_id
+        self._callback = callback
+        self._every = every
+        self._interval = interval
+        self._waiting = 0  # texts held back since the last message
+        self._sent_at: float | None = None
+        server = _comfy("server") if node_id is not None else None
+        self._server = getattr(getattr(server, "PromptServer", None), "instance", None)
+
+    def __call__(self, step: int, total: int, payload: object) -> None:
+        self._callback(step, total, payload)
+        if isinstance(payload, str):
+            self.update(payload)
+
+    def update(self, text: str) -> None:
+        """The text so far: sent when it is due."""
+        self._waiting += 1
+        now = time.monotonic()
+        if self._sent_at is None or self._waiting >= self._every or now - self._sent_at >= self._interval:
+            self._send(text, now)
+
+    def finish(self, text: str) -> None:
+        """The final text: always sent, so the node ends showing all of it."""
+        self._send(text, time.monotonic())
+
+    def _send(self, text: str, now: float) -> None:
+        self._waiting, self._sent_at = 0, now
+        if self._server is not None:
+            self._server.send_progress_text(text, self._node_id, self._server.client_id)

@@ -1,13 +1,14 @@
 """Reason: visual chain-of-thought, text and drawn pictures in turn until a final answer.
 
 The loop is the library's (`bagel_model.reasoning`, ThinkMorph and Zebra-CoT as their official inference
-runs them); the node converts the widgets, joins progress across the rounds, and shows the transcript.
+runs them); the node converts the widgets, joins progress across the rounds, and shows the transcript: as
+it grows (ComfyUI's progress text, a marker where a picture is being drawn), and whole when it is done.
 """
 
 from __future__ import annotations
 
 from ..bagel_model import EDIT_SETTINGS, PROTOCOLS, THINKMORPH, ZEBRA_COT, reason
-from .comfy_bridge import Progress, no_output, previewer
+from .comfy_bridge import LiveText, Progress, no_output, previewer
 from .images import to_image, to_pil
 from .sockets import (
     CATEGORY,
@@ -17,6 +18,7 @@ from .sockets import (
     image_input,
     library_seed,
     model_input,
+    node_id_input,
     sampler_inputs,
     seed_input,
     step_cache_input,
@@ -83,17 +85,19 @@ class BAGELReason:
                 "context": context_input(),
                 "step_cache": step_cache_input(),
             },
+            "hidden": node_id_input(),
         }  # fmt: skip
 
     def reason(
         self, model, question, mode, max_rounds, max_new_tokens, do_sample, temperature, seed,
-        image=None, context=None, **sampler,
+        image=None, context=None, unique_id=None, **sampler,
     ):  # fmt: skip
         bagel = model.ready()
         # a widget's default cannot follow the mode widget, so -1 rounds and 0 tokens stand for the mode's
         protocol = PROTOCOLS[mode]
         max_rounds = protocol.max_rounds if max_rounds < 0 else max_rounds
         max_new_tokens = max_new_tokens or protocol.text.max_new_tokens
+        live = LiveText(unique_id, Progress(runs=None, preview=previewer(bagel)))
         out = reason(
             bagel,
             question,
@@ -104,8 +108,9 @@ class BAGELReason:
             text_settings=text_settings(max_new_tokens, do_sample, temperature),
             flow_settings=flow_settings(**sampler),
             seed=library_seed(seed),
-            callback=Progress(runs=None, preview=previewer(bagel)),
+            callback=live,
         )
+        live.finish(out.transcript)
         images = to_image(out.images) if out.images else no_output()
         result = (out.answer, out.transcript, images, out.context)
         return with_ui(result, out.context, with_stop(out.transcript, out.stop))

@@ -45,6 +45,12 @@ def image_input(tooltip: str) -> tuple:
     return widget("IMAGE", tooltip + " One image: batches are refused.")
 
 
+def node_id_input() -> dict[str, str]:
+    """The hidden inputs of a node that shows live text: ComfyUI passes its id as `unique_id`, which names
+    the node its progress text is shown on (never a widget, so workflows are unchanged)."""
+    return {"unique_id": "UNIQUE_ID"}
+
+
 BATCH_MAX = 16
 
 

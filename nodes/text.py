@@ -2,14 +2,15 @@
 
 Both show their text on the node (web/bagel.js), with a note when decoding stopped before the model ended
 the text (max_new_tokens, the position window), and are output nodes, so they run even when nothing is
-connected to their outputs.
+connected to their outputs. While they decode, the text so far shows as ComfyUI's progress text (the hidden
+`unique_id` input names the node to show it on).
 """
 
 from __future__ import annotations
 
 from ..bagel_model import TextSettings, think, understand
 from ..bagel_model.tasks import THINK_TEXT_SETTINGS
-from .comfy_bridge import Progress
+from .comfy_bridge import LiveText, Progress
 from .images import to_pil
 from .sockets import (
     CATEGORY,
@@ -18,6 +19,7 @@ from .sockets import (
     image_input,
     library_seed,
     model_input,
+    node_id_input,
     seed_input,
     text_inputs,
     text_settings,
@@ -51,9 +53,14 @@ class BAGELUnderstand:
                 "image": image_input("The image to ask about; optional when the context holds the image."),
                 "context": context_input(),
             },
+            "hidden": node_id_input(),
         }
 
-    def answer(self, model, question, max_new_tokens, do_sample, temperature, seed, image=None, context=None):
+    def answer(
+        self, model, question, max_new_tokens, do_sample, temperature, seed,
+        image=None, context=None, unique_id=None,
+    ):  # fmt: skip
+        live = LiveText(unique_id, Progress())
         answer, ctx = understand(
             model.ready(),
             question,
@@ -61,8 +68,9 @@ class BAGELUnderstand:
             context=context,
             settings=text_settings(max_new_tokens, do_sample, temperature),
             seed=library_seed(seed),
-            callback=Progress(),
+            callback=live,
         )
+        live.finish(answer)
         return with_ui((answer, ctx), ctx, with_stop(answer, answer.stop))
 
 
@@ -97,11 +105,14 @@ class BAGELThink:
                 "image": image_input("An image to plan an edit of, or to reason about."),
                 "context": context_input(),
             },
+            "hidden": node_id_input(),
         }
 
     def think(
-        self, model, instruction, mode, max_new_tokens, do_sample, temperature, seed, image=None, context=None
-    ):
+        self, model, instruction, mode, max_new_tokens, do_sample, temperature, seed,
+        image=None, context=None, unique_id=None,
+    ):  # fmt: skip
+        live = LiveText(unique_id, Progress())
         thought, ctx = think(
             model.ready(),
             instruction,
@@ -110,6 +121,7 @@ class BAGELThink:
             mode=THINK_MODES[mode],
             settings=text_settings(max_new_tokens, do_sample, temperature),
             seed=library_seed(seed),
-            callback=Progress(),
+            callback=live,
         )
+        live.finish(thought)
         return with_ui((thought, ctx), ctx, with_stop(thought, thought.stop))

@@ -1181,3 +1181,68 @@ def test_a_truncated_single_file_is_named_unreadable_before_the_autoencoder_is_l
     (comfy_models["bagel"] / "cut.safetensors").write_bytes(b"\x10")
     with pytest.raises(lib.CheckpointError, match=r"cut.safetensors is not a readable safetensors file"):
         run("BAGELLoader", model_name="cut.safetensors")
+
+
+# -- live text ------------------------------------------------------------------------------------------
+
+
+def fake_server() -> tuple[dict, list]:
+    """A stand-in for ComfyUI's `server` module recording what `send_progress_text` was given."""
+    sent: list = []
+
+    class PromptServer:
+        client_id = "client-1"
+
+        def send_progress_text(self, text, node_id, sid=None):
+            sent.append((text, node_id, sid))
+
+    server = types.ModuleType("server")
+    server.PromptServer = PromptServer
+    PromptServer.instance = PromptServer()
+    return {"server": server}, sent
+
+
+@pytest.mark.parametrize("node_id", ["BAGELUnderstand", "BAGELThink", "BAGELReason"])
+def test_text_nodes_take_their_node_id_as_a_hidden_input(node_id):
+    assert NODES[node_id].INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID"}
+
+
+def test_live_text_sends_the_first_text_then_every_few_tokens_and_always_the_final():
+    modules, sent = fake_server()
+    progress = []
+    with mock.patch.dict(sys.modules, modules):
+        live = bridge.LiveText("7", lambda *c: progress.append(c), every=4, interval=3600)
+        words = [f"w{n}" for n in range(10)]
+        for n in range(1, 11):
+            live(n, 10, " ".join(words[:n]))
+        live(1, 5, torch.zeros(1))  # a denoising step: progress only
+        live.finish(" ".join(words))
+    assert len(progress) == 11  # every call reaches the progress callback
+    assert [text for text, _, _ in sent] == [" ".join(words[:n]) for n in (1, 5, 9, 10)]
+    assert {(node, sid) for _, node, sid in sent} == {("7", "client-1")}
+
+
+def test_live_text_sends_when_the_interval_passed(monkeypatch):
+    modules, sent = fake_server()
+    clock = iter([0.0, 0.05, 0.2, 0.25])
+    monkeypatch.setattr(bridge.time, "monotonic", lambda: next(clock))
+    with mock.patch.dict(sys.modules, modules):
+        live = bridge.LiveText("7", lambda *c: None, every=100, interval=0.1)
+        for text in ["a", "a b", "a b c", "a b c d"]:
+            live.update(text)
+    assert [text for text, _, _ in sent] == ["a", "a b c"]
+
+
+def test_understand_and_think_show_their_text_as_it_is_decoded(model, scene):
+    for node_id, inputs in [
+        ("BAGELUnderstand", {"image": scene[0]}),
+        ("BAGELThink", {"instruction": "why?"}),
+    ]:
+        modules, sent = fake_server()
+        with mock.patch.dict(sys.modules, modules):
+            out = run(node_id, model=model, unique_id="4", max_new_tokens=24, **inputs)
+        final = out["result"][0]
+        texts = [text for text, node, _ in sent if node == "4"]
+        assert len(texts) == len(sent) >= 2 and texts[-1] == final, node_id
+        assert all(final.startswith(text) for text in texts), node_id
+        assert out["ui"]["text"] == [final]  # the node's own text output is as it was

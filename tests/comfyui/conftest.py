@@ -9,7 +9,8 @@ custom node is this repository (linked), so the user's ComfyUI install, models a
 touched. It is started once per session and stopped by its process id.
 
 The client speaks ComfyUI's HTTP + websocket API as a headless user would: POST /prompt with a client id,
-read the websocket until the prompt succeeds, fails or is interrupted, then GET /history and /view.
+read the websocket until the prompt succeeds, fails or is interrupted, then GET /history and /view. Binary
+frames are step previews (counted) and progress text (kept in order among the events, as `progress_text`).
 
 Fixtures: `comfy_dir` (the checkout), `server` (the shared ComfyServer), `chromium` (the browser binary),
 `websocket_client` (the websocket-client module). Module-level helpers (`comfyui_dir`, `missing`,
@@ -24,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "comfyui-bagel-mot"
 BOOT_SECONDS = 180
+PROGRESS_TEXT = 3  # ComfyUI's BinaryEventTypes.TEXT (protocol.py): a node's progress text
 
 
 def in_ci() -> bool:
@@ -90,7 +93,7 @@ class Run:
 
     prompt_id: str
     status: str  # execution_success | execution_error | execution_interrupted
-    events: list[dict]
+    events: list[dict]  # with {"type": "progress_text", "data": {"node", "text"}} for each text frame
     history: dict
     seconds: float
     previews: int = 0  # binary websocket frames: step previews
@@ -145,8 +148,12 @@ class ComfyServer:
             prompt_id, events, previews = answer["prompt_id"], [], 0
             while True:
                 message = ws.recv()
-                if isinstance(message, bytes):  # step previews (the only binary frames our nodes cause)
-                    previews += 1
+                if isinstance(message, bytes):
+                    text = progress_text(message)
+                    if text is None:  # a step preview
+                        previews += 1
+                    else:
+                        events.append({"type": "progress_text", "data": text})
                     continue
                 event = json.loads(message)
                 if event.get("data", {}).get("prompt_id") != prompt_id:
@@ -177,6 +184,16 @@ class ComfyServer:
             query = urllib.parse.urlencode({k: item[k] for k in ("filename", "subfolder", "type")})
             found.append(Image.open(io.BytesIO(self.get(f"/view?{query}"))).convert("RGB"))
         return found
+
+
+def progress_text(message: bytes) -> dict | None:
+    """A binary websocket frame as ComfyUI's `send_progress_text` packs it ({"node", "text"}: the event
+    type, the node id's length, the node id, the text, big-endian), or None for any other frame."""
+    (kind,) = struct.unpack(">I", message[:4])
+    if kind != PROGRESS_TEXT:
+        return None
+    (size,) = struct.unpack(">I", message[4:8])
+    return {"node": message[8 : 8 + size].decode(), "text": message[8 + size :].decode()}
 
 
 def _start(comfy: Path, base: Path, log: Path) -> ComfyServer:

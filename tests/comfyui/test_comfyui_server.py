@@ -155,6 +155,28 @@ def test_think_example_plans_the_scene_its_indirect_prompt_means(server):
     assert answer(server.run(prompt), "2").endswith(f"</think> {describe(meant)}")
 
 
+@pytest.mark.parametrize(("name", "node_id"), [("understand", "4"), ("think_then_generate", "2")])
+def test_text_shows_on_the_node_as_it_is_decoded(server, name, node_id):
+    """Understand and Think send the text so far as ComfyUI's progress text while they decode: several
+    messages before the node finishes, each a prefix of the final text, the last equal to it."""
+    server.free()  # run, not taken from the cache
+    run = server.run(workflow(name))
+    assert run.status == "execution_success", json.dumps(run.events[-1], indent=1)[:3000]
+    (final,) = run.history["outputs"][node_id]["text"]
+    done = next(
+        k for k, e in enumerate(run.events) if e["type"] == "executed" and e["data"]["node"] == node_id
+    )
+    shown = [
+        (k, e["data"]["text"])
+        for k, e in enumerate(run.events)
+        if e["type"] == "progress_text" and e["data"]["node"] == node_id
+    ]
+    assert len(shown) >= 3, shown
+    assert all(k < done for k, _ in shown)
+    assert all(final.startswith(text) for _, text in shown), (final, shown)
+    assert shown[-1][1] == final
+
+
 def test_navigation_example_keeps_the_cells_that_stay_in_view(server):
     prompt = workflow("navigation")
     moves = prompt["3"]["inputs"]["actions"].split("\n")
