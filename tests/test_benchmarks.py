@@ -49,3 +49,15 @@ def test_random_model_fills_every_tensor_and_repeats_with_its_seed(tmp_path):
     layer = fp8.net.language_model.model.layers[0].mlp_moe_gen.up_proj
     assert isinstance(layer, Fp8Linear)
     assert a.net.vit_pos_embed.pos_embed.abs().max() <= 1  # the sin-cos table, not noise
+
+
+def test_bench_stream_reports_both_modes_on_the_bundled_model(tmp_path):
+    out = tmp_path / "bench_stream.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_stream.py"), "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["task"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"understand", "think"}
+    for row in rows.values():
+        assert row["tokens"] > 1 and row["plain tok/s"] > 0 and row["stream tok/s"] > 0, row
+    assert "stream tok/s" in done.stdout  # the table is printed too
