@@ -316,8 +316,9 @@ class LiveText:
     text so far) is sent on. Not every token is sent: a message goes out for the first text, then once
     `every` more tokens came or `interval` seconds passed since the last message, whichever comes first, so
     text shows within a few tokens and a tenth of a second, and a fast model sends a message per few
-    tokens, not one per token. `finish` always sends the final text. Without a node id or outside ComfyUI
-    nothing is sent."""
+    tokens, not one per token. A text held back is sent when a denoising step comes instead (no more text
+    comes while a picture is drawn: Reason's `[drawing image k]` shows then), and `finish` always sends the
+    final text. Without a node id or outside ComfyUI nothing is sent."""
 
     def __init__(
         self,
@@ -331,6 +332,7 @@ class LiveText:
         self._every = every
         self._interval = interval
         self._waiting = 0  # texts held back since the last message
+        self._held: str | None = None  # the latest of them
         self._sent_at: float | None = None
         server = _comfy("server") if node_id is not None else None
         self._server = getattr(getattr(server, "PromptServer", None), "instance", None)
@@ -339,10 +341,12 @@ class LiveText:
         self._callback(step, total, payload)
         if isinstance(payload, str):
             self.update(payload)
+        elif self._held is not None:
+            self._send(self._held, time.monotonic())
 
     def update(self, text: str) -> None:
-        """The text so far: sent when it is due."""
-        self._waiting += 1
+        """The text so far: sent when it is due, else held back."""
+        self._waiting, self._held = self._waiting + 1, text
         now = time.monotonic()
         if self._sent_at is None or self._waiting >= self._every or now - self._sent_at >= self._interval:
             self._send(text, now)
@@ -352,6 +356,6 @@ class LiveText:
         self._send(text, time.monotonic())
 
     def _send(self, text: str, now: float) -> None:
-        self._waiting, self._sent_at = 0, now
+        self._waiting, self._held, self._sent_at = 0, None, now
         if self._server is not None:
             self._server.send_progress_text(text, self._node_id, self._server.client_id)

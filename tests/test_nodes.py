@@ -1215,11 +1215,21 @@ def test_live_text_sends_the_first_text_then_every_few_tokens_and_always_the_fin
         words = [f"w{n}" for n in range(10)]
         for n in range(1, 11):
             live(n, 10, " ".join(words[:n]))
-        live(1, 5, torch.zeros(1))  # a denoising step: progress only
         live.finish(" ".join(words))
-    assert len(progress) == 11  # every call reaches the progress callback
+    assert len(progress) == 10  # every call reaches the progress callback
     assert [text for text, _, _ in sent] == [" ".join(words[:n]) for n in (1, 5, 9, 10)]
     assert {(node, sid) for _, node, sid in sent} == {("7", "client-1")}
+
+
+def test_live_text_sends_what_it_held_back_when_a_picture_starts():
+    modules, sent = fake_server()
+    with mock.patch.dict(sys.modules, modules):
+        live = bridge.LiveText("7", lambda *c: None, every=4, interval=3600)
+        for step, text in enumerate(["a", "a b", "a b\n[drawing image 1]"], start=1):
+            live(step, 9, text)
+        live(1, 3, torch.zeros(1))  # a denoising step: the held text goes out
+        live(2, 3, torch.zeros(1))  # nothing held back: progress only
+    assert [text for text, _, _ in sent] == ["a", "a b\n[drawing image 1]"]
 
 
 def test_live_text_sends_when_the_interval_passed(monkeypatch):

@@ -177,6 +177,22 @@ def test_text_shows_on_the_node_as_it_is_decoded(server, name, node_id):
     assert shown[-1][1] == final
 
 
+def test_reason_shows_its_transcript_as_it_grows_with_a_marker_while_drawing(server):
+    """The visual-reasoning example draws 2 pictures (zebra-cot: every segment without a final answer asks
+    for one): the live transcript says which picture is being drawn, and ends as the node's transcript."""
+    server.free()
+    run = server.run(workflow("visual_reasoning"))
+    assert run.status == "execution_success", json.dumps(run.events[-1], indent=1)[:3000]
+    shown = [e["data"]["text"] for e in run.events if e["type"] == "progress_text"]
+    last_lines = [text.rsplit("\n", 1)[-1] for text in shown]
+    assert [line for line in last_lines if line.startswith("[drawing")] == [
+        "[drawing image 1]",
+        "[drawing image 2]",
+    ]
+    (final,) = run.history["outputs"]["3"]["text"]  # the transcript, then a note on why it stopped
+    assert "[image 1]" in shown[-1] and "[image 2]" in shown[-1] and final.startswith(shown[-1])
+
+
 def test_navigation_example_keeps_the_cells_that_stay_in_view(server):
     prompt = workflow("navigation")
     moves = prompt["3"]["inputs"]["actions"].split("\n")
