@@ -2,8 +2,9 @@
 // read-only text box, and a one-line summary of the context every BAGEL node returns (segments, tokens,
 // memory). Both come from the node's `ui` payload (`text`, `context`). Neither is saved in the workflow
 // nor sent with a prompt, so saved workflows hold exactly the nodes' own widgets.
+// Only the frontend's public API: `app` and node.addDOMWidget with a text box of our own (the 1.5x frontend
+// marks scripts/widgets.js internal and widget.inputEl deprecated; `widget.element` is the element).
 import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const TEXT = "bagel_text";
 const CONTEXT = "bagel_context";
@@ -17,10 +18,20 @@ function displayOnly(widget) {
 function showText(node, text) {
   let widget = node.widgets?.find((w) => w.name === TEXT);
   if (!widget) {
-    widget = displayOnly(ComfyWidgets.STRING(node, TEXT, ["STRING", { multiline: true }], app).widget);
-    widget.inputEl.readOnly = true;
+    const box = document.createElement("textarea");
+    box.readOnly = true;
+    box.className = "comfy-multiline-input";
+    box.style.width = "100%";
+    widget = node.addDOMWidget(TEXT, "customtext", box, {
+      getValue: () => box.value,
+      setValue: (value) => {
+        box.value = value;
+      },
+      serialize: false,
+    });
+    displayOnly(widget);
   }
-  widget.value = text;
+  widget.element.value = text;
 }
 
 function showContext(node, summary) {

@@ -196,7 +196,7 @@ def progress_text(message: bytes) -> dict | None:
     return {"node": message[8 : 8 + size].decode(), "text": message[8 + size :].decode()}
 
 
-def _start(comfy: Path, base: Path, log: Path) -> ComfyServer:
+def _start(comfy: Path, base: Path, log: Path, extra: tuple[str, ...] = ()) -> ComfyServer:
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
     port = free_port()
@@ -210,6 +210,7 @@ def _start(comfy: Path, base: Path, log: Path) -> ComfyServer:
         str(base),
         "--database-url",
         "sqlite:///:memory:",
+        *extra,
     ]
     # Offline, and one thread: the tiny bundled model is fastest single-threaded on a small shared CPU.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -249,13 +250,37 @@ def websocket_client() -> ModuleType:
     return websocket_module()
 
 
-@pytest.fixture(scope="session")
-def server(comfy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("comfyui_base")
-    started = _start(comfy_dir, base, base / "comfyui.log")
-    yield started
+def _stop(started: ComfyServer) -> None:
     started.process.terminate()
     try:
         started.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         started.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(comfy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("comfyui_base")
+    started = _start(comfy_dir, base, base / "comfyui.log")
+    yield started
+    _stop(started)
+
+
+CURRENT_FRONTEND = "1.53.6"  # what ComfyUI 0.38.1 pins (requirements.txt: comfyui-frontend-package)
+
+
+@pytest.fixture(scope="session")
+def current_frontend_server(comfy_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The pinned backend serving the frontend today's ComfyUI ships: $BAGEL_FRONTEND_ROOT is the static
+    folder of PyPI's comfyui-frontend-package (`.ci/run` installs it), given to ComfyUI's
+    --front-end-root."""
+    root = os.environ.get("BAGEL_FRONTEND_ROOT")
+    if not root or not Path(root, "index.html").is_file():
+        missing(
+            f"set BAGEL_FRONTEND_ROOT to the static folder of comfyui-frontend-package=={CURRENT_FRONTEND} "
+            "(pip install --target DIR; DIR/comfyui_frontend_package/static)"
+        )
+    base = tmp_path_factory.mktemp("comfyui_current_frontend")
+    started = _start(comfy_dir, base, base / "comfyui.log", ("--front-end-root", root))
+    yield started
+    _stop(started)
