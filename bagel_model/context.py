@@ -190,6 +190,27 @@ class Context:
         """Bytes of K/V held by this context and its CFG companions (shared segments counted once)."""
         return sum(t.nbytes for t in self.tensors())
 
+    @property
+    def latest_image_drawable(self) -> bool:
+        """Whether the latest image has its VAE part, what an edit or a sequence continues from: an image
+        appended for understanding only (Understand, Think, `vit` mode) has just its ViT part, and an edit
+        of it would sample without its pixels."""
+        segments = self.cond.segments
+        images = [i for i, s in enumerate(segments) if s.kind in ("vae", "vit")]
+        if not images:
+            return False
+        last = images[-1]
+        return segments[last].kind == "vae" or (last > 0 and segments[last - 1].kind == "vae")
+
+    def require_drawable_image(self, what: str) -> None:
+        """Refuse to continue from a latest image that has no VAE part (see `latest_image_drawable`)."""
+        if self.image_size is not None and not self.latest_image_drawable:
+            raise ContextError(
+                f"the context's latest image was added for understanding only (Understand, Think, or Context "
+                f"Add Images in vit mode), so {what} would not see its pixels: connect the image to the "
+                f"{what}'s image input, or add it with Context Add Images in vae+vit mode"
+            )
+
     def tensors(self) -> list[torch.Tensor]:
         """Every K/V tensor this context holds (shared segments once): what keeps it in memory."""
         seen = {}

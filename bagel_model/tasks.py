@@ -247,6 +247,7 @@ def edit_images(
     elif ctx.image_size is None:
         raise ValueError("edit needs an image, or a context that holds one")
     else:
+        ctx.require_drawable_image("edit")
         contexts = [ctx] * batch_size
     if has_instruction:
         contexts = _append_once(contexts, check_prompt(instruction, "edit instruction"))
@@ -316,6 +317,7 @@ def generate_sequences(
     ctx = start(model, context)
     if image is not None:
         ctx = ctx.append_image(image)
+    ctx.require_drawable_image("sequence")
     # resolved once: an appended frame is resized as an input, so its size is not the one asked for
     base_h, base_w = ctx.image_size or (
         model.config.inference.default_height,

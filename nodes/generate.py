@@ -126,7 +126,8 @@ class BAGELEdit:
             "optional": {
                 "image": widget(
                     "IMAGE", "The image to edit, or a batch: each image is edited (image b with seed + b). "
-                    "Unconnected: the context's latest image.",
+                    "Unconnected: the context's latest image (one added to draw from: after Understand or "
+                    "Think, which add theirs for understanding only, connect it here).",
                 ),
                 "context": context_input(),
                 "step_cache": step_cache_input(),

@@ -639,3 +639,16 @@ def test_a_batch_of_sequences_equals_one_by_one(tiny_model, picture, pixels):
         for got, want in zip(frames[b], alone, strict=True):
             assert np.abs(pixels(got) - pixels(want)).max() <= 1
         assert contexts[b].tokens == ctx.tokens
+
+
+def test_an_edit_or_sequence_after_an_image_for_understanding_only_asks_for_the_image(tiny_model, picture):
+    """Understand appends its image for the vision encoder only; an Edit (or Multi-Frame, Navigate) with no
+    image then sampled without the picture's VAE tokens (7/20 recolors instead of 19/20), with no error."""
+    _, ctx = tasks.understand(tiny_model, Q, image=picture, settings=SHORT)
+    with pytest.raises(ContextError, match="understanding only.*connect the image to the edit"):
+        tasks.edit_image(tiny_model, None, "make the circle green", context=ctx)
+    with pytest.raises(ContextError, match="understanding only.*sequence's image input"):
+        tasks.generate_sequence(tiny_model, ["move left"], context=ctx)
+    tasks.edit_image(tiny_model, picture, "make the circle green", context=ctx, settings=EDIT)
+    drawn = Context.empty(tiny_model).append_image(picture)  # vae + vit: the chain continues from it
+    assert drawn.latest_image_drawable and not ctx.latest_image_drawable
