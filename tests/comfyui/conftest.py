@@ -47,6 +47,18 @@ BOOT_SECONDS = 180
 PROGRESS_TEXT = 3  # ComfyUI's BinaryEventTypes.TEXT (protocol.py): a node's progress text
 
 
+# Script lines that import this pack in ComfyUI's own Python as ComfyUI imports a custom node (by path,
+# under a package name of its own); the script sets `pack` to the pack's folder, imports importlib.util, sys.
+IMPORT_PACK = r"""
+init = pack + "/__init__.py"
+spec = importlib.util.spec_from_file_location("bagel_pack", init, submodule_search_locations=[pack])
+module = importlib.util.module_from_spec(spec)
+sys.modules["bagel_pack"] = module
+spec.loader.exec_module(module)
+lib = module.bagel_model
+"""
+
+
 def in_ci() -> bool:
     """Whether this is a CI run ($CI set, as CI services and `.ci/run` do), where nothing may skip."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")

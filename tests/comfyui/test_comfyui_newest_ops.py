@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, missing
+from conftest import IMPORT_PACK, ROOT, missing
 
 SHARED = Path(os.environ.get("BAGEL_SHARED_DIR", ROOT.parent / "shared"))
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import importlib.util, json, sys
 comfy_dir, pack, aimdo = sys.argv[1], sys.argv[2], sys.argv[3] == "on"
 sys.path[:0] = [comfy_dir, comfy_dir + "/_deps"]
@@ -31,13 +32,9 @@ import comfy.model_management
 import comfy.memory_management
 comfy.memory_management.aimdo_enabled = aimdo
 import comfy.ops
-init = pack + "/__init__.py"
-spec = importlib.util.spec_from_file_location("bagel_pack", init, submodule_search_locations=[pack])
-module = importlib.util.module_from_spec(spec)
-sys.modules["bagel_pack"] = module
-spec.loader.exec_module(module)
-lib = module.bagel_model
-
+"""
+    + IMPORT_PACK
+    + r"""
 (managed,) = module.NODE_CLASS_MAPPINGS["BAGELLoader"]().load(lib.bundled.DEFAULT_NAME, "auto", "auto")
 model = managed.ready()
 plain = lib.load(lib.bundled.default_model_dir())
@@ -54,6 +51,7 @@ print(json.dumps({
     "answer_plain": str(lib.understand(plain, question, context=ctx_plain)[0]),
 }))
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import IMPORT_PACK, ROOT
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import importlib.util, json, logging, sys
 comfy_dir, pack = sys.argv[1], sys.argv[2]
 sys.path.insert(0, comfy_dir)
@@ -25,13 +26,9 @@ from comfy.cli_args import args
 args.cpu = True
 import torch
 
-init = pack + "/__init__.py"
-spec = importlib.util.spec_from_file_location("bagel_pack", init, submodule_search_locations=[pack])
-module = importlib.util.module_from_spec(spec)
-sys.modules["bagel_pack"] = module
-spec.loader.exec_module(module)
-lib = module.bagel_model
-messages = []
+"""
+    + IMPORT_PACK
+    + r"""messages = []
 
 
 class Record(logging.Handler):
@@ -62,6 +59,7 @@ print(json.dumps({
     "diff": int((torch.tensor(list(full.getdata())) - torch.tensor(list(partial.getdata()))).abs().max()),
 }))
 """
+)
 
 
 def test_a_partly_loaded_model_draws_the_full_loads_image(comfy_dir: Path, tmp_path: Path):
