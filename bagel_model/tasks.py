@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .context import Context
+from .context import Context, ContextError
 from .engine import Answer, StepCallback, TextSettings, decode_text, sample_images
+from .images import resize_dims
 from .model import BagelModel
 from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings
 from .tokenizer import check_text
@@ -260,6 +261,20 @@ def edit_images(
     h, w = sizes.pop()
     height, width = (h if height is None else height), (w if width is None else width)
     return render(model, contexts, height, width, settings, seed, latents, callback, append_result)
+
+
+def check_image_latents(model: BagelModel, latents: torch.Tensor) -> None:
+    """Refuse latents (N, z, H/8, W/8) of a picture size the model would resize, before anything is
+    decoded: a latent is used as it is for the image tokens, and decoding an oversized one first costs
+    minutes or all the memory there is (an upscaled 4096² latent asked for 274 GB)."""
+    down = model.config.vae.downsample
+    height, width = latents.shape[2] * down, latents.shape[3] * down
+    kept = resize_dims(width, height, model.config.inference.vae_limits)
+    if kept != (width, height):
+        raise ContextError(
+            f"a latent of {width}x{height} pixels is outside this model's image sizes (it would be resized "
+            f"to {kept[0]}x{kept[1]})"
+        )
 
 
 def _append_once(contexts: list[Context], text: str) -> list[Context]:

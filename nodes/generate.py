@@ -9,6 +9,7 @@ exactly what a run of batch 1 with that seed draws.
 from __future__ import annotations
 
 from ..bagel_model import EDIT_SETTINGS, T2I_SETTINGS, ContextError, edit_images, generate_images
+from ..bagel_model.tasks import check_image_latents
 from .comfy_bridge import Progress, previewer
 from .images import to_image, to_pils
 from .latents import LATENT, from_latent, to_latent
@@ -150,15 +151,14 @@ class BAGELEdit:
         images, known = (None if image is None else to_pils(image)), None
         if latent is not None:  # used as it is for the image tokens, decoded for the vision encoder
             known = from_latent(bagel, latent)
+            try:
+                check_image_latents(bagel, known)
+            except ContextError as e:
+                raise ValueError(f"latent: {e}: Upscale Latent to a size this model takes") from None
             images = [bagel.decode_latent(z) for z in known]
-        try:
-            out = edit_images(
-                bagel, images, instruction, context, settings, seed, batch_size=batch_size,
-                callback=Progress(preview=previewer(bagel)), image_latents=known,
-            )  # fmt: skip
-        except ContextError as e:
-            if latent is None:
-                raise
-            raise ValueError(f"latent: {e}; for a LATENT: Upscale Latent to a size this model takes") from e
+        out = edit_images(
+            bagel, images, instruction, context, settings, seed, batch_size=batch_size,
+            callback=Progress(preview=previewer(bagel)), image_latents=known,
+        )  # fmt: skip
         ctx = out.contexts[0]
         return with_ui((to_image(out.images), ctx, to_latent(bagel, out.latents)), ctx)

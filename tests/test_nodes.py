@@ -855,6 +855,24 @@ def test_edit_of_a_latent_batch_edits_each_and_a_latent_of_another_size_is_named
         run("BAGELEdit", model=model, instruction="make it blue", latent=upscaled)
 
 
+def test_an_edit_latent_is_sized_before_it_is_decoded_and_other_errors_keep_their_words(model, monkeypatch):
+    """An upscaled 4096² latent was decoded first (274 GB asked of the CPU) and only then refused, and
+    every context error on this path got the Upscale Latent hint, even 'built by another model'."""
+    _, ctx, latent = run("BAGELTextToImage", model=model, prompt="a red circle", seed=1)["result"]
+    decoded = []
+    monkeypatch.setattr(type(model.model), "decode_latent", lambda self, z: decoded.append(z) or 1 / 0)
+    big = {"samples": torch.zeros(1, model.model.config.latent_channels, 512, 512)}
+    with pytest.raises(ValueError, match="4096x4096 pixels is outside.*Upscale Latent to a size"):
+        run("BAGELEdit", model=model, instruction="make it blue", latent=big)
+    assert decoded == []
+    monkeypatch.undo()
+    other = lib.load(lib.bundled.default_model_dir())
+    foreign = lib.Context.empty(other)
+    with pytest.raises(lib.ContextError, match="built by another model") as caught:
+        run("BAGELEdit", model=model, instruction="make it blue", latent=latent, context=foreign)
+    assert "Upscale Latent" not in str(caught.value)
+
+
 def test_latent_inputs_a_model_cannot_take_are_named(model, scene):
     channels = model.model.config.latent_channels
     with pytest.raises(
@@ -868,7 +886,7 @@ def test_latent_inputs_a_model_cannot_take_are_named(model, scene):
     with pytest.raises(ValueError, match="image and latent are both connected"):
         run("BAGELEdit", model=model, instruction="x", image=scene[0], latent={"samples": torch.zeros(1)})
     with pytest.raises(ValueError, match="edit instruction is empty"):
-        run("BAGELEdit", model=model, instruction=" ", latent={"samples": torch.zeros(1, channels, 4, 4)})
+        run("BAGELEdit", model=model, instruction=" ", latent={"samples": torch.zeros(1, channels, 6, 6)})
 
 
 # -- composing a context by hand --------------------------------------------------------------------------
