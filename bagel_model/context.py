@@ -236,6 +236,11 @@ class Context:
                 "of a chain (a BAGEL LoRA Loader's output is a different model from its input)"
             )
 
+    @property
+    def room(self) -> int:
+        """RoPE positions left before the model's window is full."""
+        return self.model.config.llm.max_position_embeddings - self.cond.rope
+
     def check_fits(self, new_positions: int) -> None:
         """Refuse to grow past the model's RoPE window (text takes a position per token, an image one)."""
         limit = self.model.config.llm.max_position_embeddings

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .context import Context
-from .engine import STOP_END, StepCallback, TextSettings, decode_text
+from .engine import STOP_END, STOP_WINDOW, StepCallback, TextSettings, decode_text
 from .model import BagelModel
 from .sampling import EDIT_SETTINGS, FlowSettings
-from .tasks import check_prompt, render, start
+from .tasks import IMAGE_POSITIONS, check_prompt, render, start
 
 THINKMORPH_SYSTEM_PROMPT = (
     "\nLet's think step by step to answer the question. For text-based thinking, enclose the process within "
@@ -189,6 +189,8 @@ def reason(
             views.add_text(segment, protocol, cond_only=protocol.fixed_guidance) if segment.strip() else views
         )
         stop = _stop(protocol, segment, len(images), max_rounds)
+        if stop is None and min(views.text.room, views.image.room) < IMAGE_POSITIONS:
+            stop = STOP_WINDOW  # a picture drawn now could not join the context: do not sample it
         if stop is not None:
             return Reasoning(final_answer(segment), texts, images, views.image, stop)
         if callback is not None:

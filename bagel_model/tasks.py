@@ -36,6 +36,7 @@ GEN_THINK_SYSTEM_PROMPT = (
 )
 
 THINK_TEXT_SETTINGS = TextSettings(max_new_tokens=1024)
+IMAGE_POSITIONS = 2  # RoPE positions a drawn image takes in its context: its VAE part and its ViT part
 
 
 def start(model: BagelModel, context: Context | None) -> Context:
@@ -152,8 +153,8 @@ def render(
     (one-shot use: encoding a result costs a VAE encode, a ViT pass and a prefill that nothing would
     read)."""
     check_size(model, height, width)
-    for ctx in contexts:
-        ctx.check_fits(1)
+    for ctx in contexts:  # sampling takes one position; appending the result takes two (VAE + ViT)
+        ctx.check_fits(IMAGE_POSITIONS if append_result else 1)
     seeds = _seeds(seed, len(contexts))
     images, grids = sample_images(model, contexts, height, width, settings, seeds, latents, callback)
     if append_result:

@@ -12,7 +12,7 @@ import pytest
 
 from bagel_model import reasoning, tasks
 from bagel_model.context import Context
-from bagel_model.engine import STOP_BUDGET, STOP_END, Answer
+from bagel_model.engine import STOP_BUDGET, STOP_END, STOP_WINDOW, Answer
 from bagel_model.sampling import FlowSettings
 
 QUESTION = "where is the red circle after it moves right twice?"
@@ -116,3 +116,25 @@ def test_the_real_decoder_runs_the_loop_end_to_end(tiny_model, picture):
         text_settings=tasks.TextSettings(max_new_tokens=3),
     )  # fmt: skip
     assert out.stop in (reasoning.STOP_NO_IMAGE, STOP_BUDGET) and len(out.texts) == 1
+
+
+def test_a_picture_that_could_not_join_the_context_is_not_drawn(
+    tiny_model, windowed, picture, script, monkeypatch
+):
+    """With one position left a picture was sampled in full, then lost (appending it takes two): Reason
+    now stops with the window's reason before drawing."""
+    drawn_at = []
+    real = reasoning.render
+
+    def render(model, contexts, *args, **kwargs):
+        drawn_at.append(contexts[0].cond.rope)
+        return real(model, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(reasoning, "render", render)
+    script("<image_start>", "<answer>x</answer>")
+    _run(tiny_model, picture, reasoning.THINKMORPH)
+    narrow = windowed(tiny_model, drawn_at[0] + 1)  # one position left where the picture would go
+    drawn_at.clear()
+    script("<image_start>", "never read")
+    out = _run(narrow, picture, reasoning.THINKMORPH)
+    assert out.stop == STOP_WINDOW and out.images == [] and drawn_at == []

@@ -652,3 +652,15 @@ def test_an_edit_or_sequence_after_an_image_for_understanding_only_asks_for_the_
     tasks.edit_image(tiny_model, picture, "make the circle green", context=ctx, settings=EDIT)
     drawn = Context.empty(tiny_model).append_image(picture)  # vae + vit: the chain continues from it
     assert drawn.latest_image_drawable and not ctx.latest_image_drawable
+
+
+def test_an_image_that_could_not_join_its_context_is_not_sampled(tiny_model, windowed):
+    """With one free position an image was sampled in full and then lost (appending it takes two)."""
+    room = len(tiny_model.tokenizer.segment(P)) + 1
+    narrow = windowed(tiny_model, room)
+    ctx = Context.empty(narrow).append_text(P)
+    steps = []
+    with pytest.raises(ContextError, match="past the model's window"):
+        tasks.generate_image(narrow, "", context=ctx, settings=EDIT, callback=lambda *a: steps.append(a))
+    assert steps == []
+    tasks.generate_image(narrow, "", context=ctx, settings=EDIT, append_result=False)  # one-shot: it fits
