@@ -357,7 +357,8 @@ class BAGELLoader:
                     "How the decoder's weights are stored. native: in dtype (BAGEL-7B-MoT: 29 GB in bf16). "
                     "fp8: float8 with per-row scales, computed in dtype (about 16 GB: fits 24 GB cards; "
                     "images move by about one level). nf4 / int8: bitsandbytes 4-bit / 8-bit layers (about "
-                    "10 / 16 GB; needs pip install bitsandbytes).",
+                    "10 / 16 GB; needs pip install bitsandbytes). Only native weights stream by ComfyUI's "
+                    "dynamic VRAM or load partly; the others always load whole.",
                     default="native",
                 ),
                 "vae_name": widget(
