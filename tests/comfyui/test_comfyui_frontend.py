@@ -136,7 +136,7 @@ def load(page: Page, name: str) -> dict:
     """Open an example workflow. A newer frontend may still be opening its own startup workflow when the
     page is ready, and that one can replace ours: load again until the graph is ours."""
     flow = (EXAMPLES / f"{name}.json").read_text()
-    ids = json.dumps(sorted(str(n["id"]) for n in json.loads(flow)["nodes"]))
+    ids = json.dumps(sorted(str(n["id"]) for n in json.loads(flow)["nodes"]), separators=(",", ":"))  # as JS
     for _ in range(3):
         page.js(f"{APP}.loadGraphData({flow}, true, true, {json.dumps(name)})")
         try:
@@ -146,6 +146,8 @@ def load(page: Page, name: str) -> dict:
             break
         except TimeoutError:
             continue
+    else:
+        pytest.fail(f"the frontend did not keep {name}.json open (its graph is another workflow)")
     return json.loads(flow)
 
 
