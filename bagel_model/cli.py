@@ -26,7 +26,7 @@ from . import tasks
 from .checkpoint import DTYPE_CHOICES, load, resolve_dtype
 from .model import BagelModel
 from .offload import parse_memory
-from .quant import BNB_MODES, WEIGHT_MODES, bitsandbytes, quiet_int8_cast_warnings
+from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from .reasoning import PROTOCOLS, THINKMORPH, reason
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
 
@@ -76,23 +76,21 @@ def _model(args: argparse.Namespace) -> BagelModel:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
-    if args.weights in BNB_MODES:
-        try:
-            bitsandbytes()
-        except ImportError as e:  # an optional package, so the user's to install: one line, not a traceback
-            raise ValueError(str(e)) from None
-    return load(
-        args.model or default_model_dir(),
-        loras=args.lora,
-        device=device,
-        dtype=dtype,
-        weights=args.weights,
-        vae=args.vae,
-        tokenizer=args.tokenizer,
-        device_map=args.device_map,
-        max_memory=parse_memory(args.max_memory) if args.max_memory else None,
-        offload_folder=args.offload_folder,
-    )
+    try:
+        return load(
+            args.model or default_model_dir(),
+            loras=args.lora,
+            device=device,
+            dtype=dtype,
+            weights=args.weights,
+            vae=args.vae,
+            tokenizer=args.tokenizer,
+            device_map=args.device_map,
+            max_memory=parse_memory(args.max_memory) if args.max_memory else None,
+            offload_folder=args.offload_folder,
+        )
+    except ImportError as e:  # an optional package (bitsandbytes), the user's to install: one line
+        raise ValueError(str(e)) from None
 
 
 def lora_option(value: str) -> tuple[str, float]:

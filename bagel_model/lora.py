@@ -201,10 +201,9 @@ def _quantized_mode(module: nn.Module) -> str | None:
     return None
 
 
-def check(model: BagelModel | Bagel, adapter: Adapter, strength: float) -> None:
-    """Raise a LoraError unless every weight the adapter changes is a native linear weight of `model` (a
-    loaded model, or its network) of the factors' shape, and `strength` is a finite number."""
-    net = model.net if isinstance(model, BagelModel) else model
+def check(net: Bagel, adapter: Adapter, strength: float) -> None:
+    """Raise a LoraError unless every weight the adapter changes is a native linear weight of the network
+    `net` of the factors' shape, and `strength` is a finite number."""
     if not math.isfinite(strength):
         raise LoraError(f"LoRA strength {strength} is not a finite number")
     unmatched, misshaped = [], []
@@ -261,7 +260,7 @@ def apply(model: BagelModel, adapter: Adapter, strength: float = 1.0) -> BagelMo
             "would keep their base weights): give it while loading, load(..., loras=[(adapter, strength)]) "
             "or --lora on the command line"
         )
-    check(model, adapter, strength)
+    check(model.net, adapter, strength)
     shared = {id(t): t for t in itertools.chain(model.net.parameters(), model.net.buffers())}
     net = copy.deepcopy(model.net, shared)  # new modules around the same tensors
     merge(net, adapter, strength)

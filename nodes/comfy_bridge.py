@@ -194,7 +194,7 @@ def with_lora(managed: ManagedModel, adapter: lora.Adapter, strength: float) -> 
     Outside ComfyUI the library merges the adapter into a copy of the weights it changes."""
     if managed.patcher is None:
         return ManagedModel(lora.apply(managed.model, adapter, strength))
-    lora.check(managed.model, adapter, strength)  # before patching: ComfyUI skips keys it cannot patch
+    lora.check(managed.model.net, adapter, strength)  # before patching: ComfyUI skips keys it cannot patch
     tensors, targets = {}, {}
     for key, low in adapter.weights.items():
         name = key.removesuffix(".weight")
