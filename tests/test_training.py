@@ -194,7 +194,7 @@ def test_understanding_plans_ask_distinct_kinds_about_one_image():
     for _ in range(20):
         plan = understand_plan(rng, PlanSettings(questions_per_image=3))
         vit, *turns = plan.items
-        scene = vit.scene
+        scene = vit.image
         asked = [t.text for t in turns[0::2]]
         answers = {qa.question: qa.answer for qa in questions(scene)}
         assert len(set(asked)) == len(asked) >= 2  # every scene offers at least count, shape and describe
@@ -212,12 +212,12 @@ def test_chain_plans_edit_the_latest_picture_of_a_text_to_image_context():
         assert isinstance(caption, Text) and isinstance(first, Target)
         edits = len(rest) // 4
         assert 2 <= edits <= 3 and len(rest) == 4 * edits
-        previous = first.scene
+        previous = first.image
         for k in range(edits):
             vae, vit, instruction, target = rest[4 * k : 4 * k + 4]
             assert isinstance(vae, Vae) and isinstance(vit, Vit) and isinstance(instruction, Text)
-            assert vae.scene == vit.scene == previous and isinstance(target, Target)
-            previous = target.scene
+            assert vae.image == vit.image == previous and isinstance(target, Target)
+            previous = target.image
 
 
 def test_edit_kinds_follow_their_weights_and_sequences_sometimes_start_from_a_caption():

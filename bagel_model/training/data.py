@@ -36,7 +36,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -79,11 +79,16 @@ class Text:
     group: int | None = None  # items of one group are dropped together (one coin per group)
 
 
+# What an image item shows: a shapes-world `Scene`, or any other hashable picture reference that the bank
+# packing them knows how to show (a user's image file: `folder.ImageFile`).
+Picture = Hashable
+
+
 @dataclass(frozen=True)
 class Vit:
     """The image as understanding tokens, `<|vision_start|> ViT <|vision_end|>`; advances RoPE by 1."""
 
-    scene: Scene
+    image: Picture
     cfg: bool = False  # p = vit_drop
 
 
@@ -91,7 +96,7 @@ class Vit:
 class Vae:
     """The image as clean latent tokens (flow time 0); advances RoPE by 1."""
 
-    scene: Scene
+    image: Picture
     cfg: bool = False  # p = vae_drop
 
 
@@ -99,7 +104,7 @@ class Vae:
 class Target:
     """A noisy latent image with the flow loss: hidden from later tokens, does not advance RoPE."""
 
-    scene: Scene
+    image: Picture
     copies: int = 1
 
 
@@ -495,16 +500,16 @@ class _Builder:
             if isinstance(item, Text):
                 rope = self.text(item, rope)
             elif isinstance(item, Vit):
-                patches, pos = self.bank.vit(item.scene)
+                patches, pos = self.bank.vit(item.image)
                 self.vit.append((patches, pos, self.image(patches.shape[0], False, rope, FULL)))
                 rope += 1
             elif isinstance(item, Vae):
-                tokens, pos = self.bank.latent(item.scene, context=True)
+                tokens, pos = self.bank.latent(item.image, context=True)
                 self.lat.append((tokens, pos, self.image(tokens.shape[0], True, rope, FULL), False))
                 self.image_task.append(self.task)
                 rope += 1
             else:
-                tokens, pos = self.bank.latent(item.scene, context=False)
+                tokens, pos = self.bank.latent(item.image, context=False)
                 for _ in range(item.copies):
                     self.lat.append((tokens, pos, self.image(tokens.shape[0], True, rope, NOISE), True))
                     self.image_task.append(self.task)
@@ -580,11 +585,19 @@ def pack(
             break
         chosen.append(queue.pop())
         total += need
-    images = [item for plan in chosen for item in plan.items if isinstance(item, Vae | Target)]
-    bank.prefetch([bank.key(item.scene, context=isinstance(item, Vae)) for item in images])
+    return pack_plans(chosen, tokenizer, bank, settings, rng)
+
+
+def pack_plans(
+    plans: list[Plan], tokenizer: BagelTokenizer, bank: ImageBank, settings: PackSettings, rng: random.Random
+) -> Packed:
+    """These plans as one sequence, one after another (`settings.max_tokens` is not consulted): CFG
+    dropout drawn from `rng`, latents of every VAE image encoded first in one `bank.prefetch`."""
+    images = [item for plan in plans for item in plan.items if isinstance(item, Vae | Target)]
+    bank.prefetch([bank.key(item.image, context=isinstance(item, Vae)) for item in images])
     builder = _Builder(tokenizer, bank)
     tasks: dict[str, int] = {}
-    for plan in chosen:
+    for plan in plans:
         builder.plan(plan.task, kept_items(plan, settings, rng))
         tasks[plan.task] = tasks.get(plan.task, 0) + 1
     return builder.build(tasks)
