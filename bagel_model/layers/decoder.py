@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMConfig
 from .attention import Backend, attention
@@ -231,6 +232,9 @@ class MoTDecoder(nn.Module):
         self.layers = nn.ModuleList(MoTDecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
         self.norm = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = ops.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Training: keep only each layer's input for the backward pass and run the layer again there
+        # (memory of one layer's activations instead of all of them, for a second forward's time).
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -254,7 +258,11 @@ class MoTDecoder(nn.Module):
         if mask is not None and len(caches) > 1:
             raise ValueError("a mask applies to one query; run masked queries one at a time")
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, routing, [(c.k[i], c.v[i]) for c in caches], causal, backend, mask)
+            kv = [(c.k[i], c.v[i]) for c in caches]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, positions, routing, kv, causal, backend, mask, use_reentrant=False)
+            else:
+                x = layer(x, positions, routing, kv, causal, backend, mask)
         return routing.apply(self.norm, self.norm_moe_gen, x)
 
 
