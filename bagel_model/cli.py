@@ -29,6 +29,7 @@ from .offload import parse_memory
 from .quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from .reasoning import PROTOCOLS, THINKMORPH, reason
 from .sampling import EDIT_SETTINGS, RENORM_TYPES, T2I_SETTINGS, FlowSettings, flow_settings
+from .training.finetune import TARGET_CHOICES, LoraSettings
 
 
 @dataclass
@@ -371,6 +372,63 @@ def cmd_bench_shapes(args: argparse.Namespace) -> Output:
     return Output({"table": args.out} if not args.json else table)
 
 
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _training_progress(args: argparse.Namespace, steps: int) -> Callable:
+    """A progress bar on stderr: step, loss (mean of the last 10 steps) and time left; redrawn in place on
+    a terminal, else a line every twentieth of the run. Nothing with --json."""
+    tty, every = sys.stderr.isatty(), max(1, steps // 20)
+    losses: list[float] = []
+
+    def show(report) -> None:
+        losses.append(report.loss)
+        if args.json or not (tty or report.step % every == 0 or report.step == steps):
+            return
+        done = report.step / report.steps
+        bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
+        loss = sum(losses[-10:]) / len(losses[-10:])
+        line = f"[{bar}] {report.step}/{report.steps} loss {loss:.4f} {_minutes(report.seconds_left)} left"
+        end = "\n" if not tty or report.step == report.steps else ""
+        print(f"\r{line}" if tty else line, end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_train_lora(args: argparse.Namespace) -> Output:
+    """Train a LoRA adapter on a data folder; Ctrl-C stops the run and keeps what was trained."""
+    from .training.finetune import LoraSettings, train_lora
+    from .training.folder import read_folder
+
+    settings = LoraSettings(
+        steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, targets=args.targets, batch=args.batch, accumulate=args.accumulate,
+        resolution=args.resolution, seed=args.seed, timestep_shift=args.timestep_shift,
+        gradient_checkpointing=not args.no_checkpointing, save_every=args.save_every,
+    )  # fmt: skip
+    model = _model(args)
+    examples = read_folder(args.data, model.config, settings.resolution)  # every bad file, before training
+    if not args.json:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in examples.counts.items())
+        print(f"{len(examples.plans)} examples ({kinds}) from {args.data}", file=sys.stderr, flush=True)
+    resume = None if args.resume is None else (args.resume or args.out)
+    start = time.monotonic()
+    try:
+        result = train_lora(
+            model, examples, args.out, settings, resume=resume, callback=_training_progress(args, args.steps)
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: the adapter trained so far is saved in {args.out}; continue it with --resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    last = result.history[-1]["loss"] if result.history else None
+    return Output({"adapter": str(result.adapter), "steps": result.steps, "loss": last,
+                   "seconds": round(time.monotonic() - start, 1)})  # fmt: skip
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> Output:
     from .config import PRESETS
     from .tiny import make_tiny
@@ -520,6 +578,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="bench_shapes.json", help="where to write the table as JSON")
     p.set_defaults(run=cmd_bench_shapes)
+
+    p = sub.add_parser("train-lora", help="train a LoRA adapter on a folder of examples")
+    _common(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder of examples: name.png + name.txt (caption), name_src.png + name_tgt.png + name.txt "
+        "(edit), name.png + name.qa.json (questions)",
+    )
+    p.add_argument("--out", required=True, help="adapter folder (PEFT: adapter_config.json + safetensors)")
+    p.add_argument("--steps", type=int, default=LoraSettings.steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=LoraSettings.lr, help="AdamW learning rate")
+    p.add_argument("--rank", type=int, default=LoraSettings.rank)
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
+    p.add_argument("--dropout", type=float, default=LoraSettings.dropout)
+    p.add_argument(
+        "--targets",
+        default=LoraSettings.targets,
+        choices=TARGET_CHOICES,
+        help="experts adapted: gen (images), und (text), all; auto: gen, plus und when there are questions",
+    )
+    p.add_argument("--batch", type=int, default=LoraSettings.batch, help="examples per micro-step")
+    p.add_argument("--accumulate", type=int, default=LoraSettings.accumulate, help="micro-steps per step")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=LoraSettings.resolution,
+        help="longest image side (capped by the model)",
+    )
+    p.add_argument("--timestep-shift", type=float, default=LoraSettings.timestep_shift)
+    p.add_argument("--save-every", type=int, default=LoraSettings.save_every, help="steps between saves")
+    p.add_argument(
+        "--no-checkpointing", action="store_true", help="keep every layer's activations (faster, more memory)"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="continue the run saved in DIR (default: --out), or start from an adapter there",
+    )
+    p.set_defaults(run=cmd_train_lora)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official layout")
     p.add_argument("dir")
