@@ -1,0 +1,150 @@
+"""LoRA training on the bundled model, measured: teach it a word and an edit it does not know.
+
+1. Writes a data folder in the `train-lora` layout from the shapes world: `--examples` captions that call
+   blue "azure" (`name.png` + `name.txt`), and `--examples` edits "mirror the picture" (left and right
+   columns swapped: `name_src.png` + `name_tgt.png` + `name.txt`).
+2. Trains a LoRA with `python -m bagel_model train-lora` settings (library call, same code).
+3. Scores held-out cases (scenes from another seed) before and after, with the shapes scorer: azure
+   text-to-image (the read scene equals the caption's with azure = blue) and mirror edits (the read
+   image equals the mirrored scene); with `--old-rows`, the capability table of the adapted model too
+   (`bench-shapes` rows), to compare with the base model's.
+
+    python benchmarks/bench_lora.py --out runs/lora_proof [--steps 600] [--n 50] [--old-rows]
+
+Writes `<out>/data/`, `<out>/adapter/` and `<out>/report.json`; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bagel_model import lora  # noqa: E402
+from bagel_model.bundled import default_model_dir  # noqa: E402
+from bagel_model.checkpoint import load  # noqa: E402
+from bagel_model.shapes import Obj, Scene, describe, read_scene, render, sample_scene  # noqa: E402
+from bagel_model.tasks import edit_image, generate_image  # noqa: E402
+from bagel_model.training.evaluate import CAPABILITIES, TABLE, evaluate  # noqa: E402
+from bagel_model.training.finetune import LoraSettings, train_lora  # noqa: E402
+from bagel_model.training.folder import read_folder  # noqa: E402
+
+WORD, COLOR = "azure", "blue"
+MIRROR = "mirror the picture"
+_SWAP = {"left": "right", "right": "left"}
+
+
+def mirrored(scene: Scene) -> Scene:
+    """Left and right columns swapped."""
+
+    def cell(name: str) -> str:
+        words = name.split()
+        return " ".join(_SWAP.get(w, w) for w in words)
+
+    return Scene(tuple(Obj(o.color, o.shape, cell(o.cell)) for o in scene.objects))
+
+
+def azure_scene(rng: random.Random) -> Scene:
+    """1-3 objects, at least one of them blue."""
+    while True:
+        count = rng.choice((1, 2, 3))
+        scene = sample_scene(rng, count, count)
+        if any(o.color == COLOR for o in scene.objects):
+            return scene
+
+
+def mirror_scene(rng: random.Random) -> Scene:
+    """A scene that mirroring changes."""
+    while True:
+        scene = sample_scene(rng)
+        if mirrored(scene) != scene:
+            return scene
+
+
+def caption(scene: Scene) -> str:
+    return describe(scene).replace(COLOR, WORD)
+
+
+def write_data(folder: Path, n: int, size: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        scene = azure_scene(rng)
+        render(scene, size).save(folder / f"azure_{i:03d}.png")
+        (folder / f"azure_{i:03d}.txt").write_text(caption(scene))
+        scene = mirror_scene(rng)
+        render(scene, size).save(folder / f"mirror_{i:03d}_src.png")
+        render(mirrored(scene), size).save(folder / f"mirror_{i:03d}_tgt.png")
+        (folder / f"mirror_{i:03d}.txt").write_text(MIRROR)
+
+
+def new_rows(model, n: int, size: int, seed: int) -> dict[str, float]:
+    """Held-out accuracy of the two new capabilities (n cases each)."""
+    rng = random.Random(seed)
+    right = {"azure": 0, "mirror": 0}
+    for i in range(n):
+        scene = azure_scene(rng)
+        image, _ = generate_image(model, caption(scene), seed=i)
+        right["azure"] += read_scene(image) == scene
+        scene = mirror_scene(rng)
+        image, _ = edit_image(model, render(scene, size), MIRROR, seed=i)
+        right["mirror"] += read_scene(image) == mirrored(scene)
+    return {k: v / n for k, v in right.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--examples", type=int, default=40, help="training examples of each kind")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="all")
+    p.add_argument("--n", type=int, default=50, help="held-out cases per row")
+    p.add_argument("--old-rows", action="store_true", help="also the capability table of the adapted model")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load(default_model_dir())
+    size = model.config.inference.default_height
+    data = args.out / "data"
+    write_data(data, args.examples, size, seed=1)
+    examples = read_folder(data, model.config)
+    report: dict = {"examples": examples.counts, "n": args.n}
+
+    report["before"] = new_rows(model, args.n, size, seed=20_000)
+    print("before:", report["before"], flush=True)
+    settings = LoraSettings(
+        steps=args.steps, lr=args.lr, rank=args.rank, targets=args.targets,
+        gradient_checkpointing=False,
+    )  # fmt: skip
+    start = time.monotonic()
+
+    def log(r) -> None:
+        if r.step % 100 == 0:
+            print(f"step {r.step} loss {r.loss:.4f} {r.seconds:.0f} s", flush=True)
+
+    done = train_lora(model, examples, args.out / "adapter", settings, callback=log)
+    report["train_seconds"] = time.monotonic() - start
+    report["settings"] = vars(settings) | {"steps": done.steps}
+    adapted = lora.apply(model, lora.read(done.adapter))
+    report["after"] = new_rows(adapted, args.n, size, seed=20_000)
+    print("after:", report["after"], flush=True)
+    if args.old_rows:
+        wanted = tuple(c for c in CAPABILITIES if c != "think")
+        report["old_rows_after"] = evaluate(adapted, n=args.n, capabilities=wanted, log=print)
+        report["old_rows_labels"] = {k: TABLE[k][0] for k in wanted}
+    (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
