@@ -302,26 +302,43 @@ def latent_grids(model: BagelModel, tokens: torch.Tensor, h: int, w: int) -> tor
     return grids[0] if tokens.ndim == 2 else torch.stack(grids)
 
 
+@dataclass(frozen=True)
+class ImageRequest:
+    """What one batch of images is drawn with, handed as one value from a task to the sampler: the size,
+    the sampler settings, and the start noise: item b's from seed + b (None: a random seed), or row b of
+    explicit `latents` (B, z, H/8, W/8)."""
+
+    height: int
+    width: int
+    settings: FlowSettings
+    seed: int | None = 0
+    latents: torch.Tensor | None = None
+
+    def noise(self, model: BagelModel, batch: int) -> torch.Tensor:
+        """The start noise (B, h*w, c) of a batch of `batch`: item b is what a batch of one gives with its
+        seed or latents."""
+        if self.latents is not None and self.latents.shape[0] != batch:
+            raise ValueError(f"latents hold {self.latents.shape[0]} images for a batch of {batch}")
+        explicit = [None] * batch if self.latents is None else list(self.latents)
+        seeds = [None if self.seed is None else self.seed + b for b in range(batch)]
+        return torch.stack(
+            [
+                initial_noise(model, self.height, self.width, s, z)
+                for s, z in zip(seeds, explicit, strict=True)
+            ]
+        )
+
+
 def sample_images(
     model: BagelModel,
     contexts: Sequence[Context],
-    height: int,
-    width: int,
-    settings: FlowSettings,
-    seeds: Sequence[int | None],
-    latents: torch.Tensor | None = None,
+    request: ImageRequest,
     callback: StepCallback | None = None,
 ) -> tuple[list[Image.Image], torch.Tensor]:
-    """One image at the end of each context, sampled together from noise of its seed (or explicit
-    `latents` (B, z, H/8, W/8)): the decoded images and their latents (B, z, H/8, W/8) in the model's
-    scaled latent space."""
-    if latents is not None and latents.shape[0] != len(contexts):
-        raise ValueError(f"latents hold {latents.shape[0]} images for a batch of {len(contexts)}")
-    explicit = [None] * len(contexts) if latents is None else list(latents)
-    noise = torch.stack(
-        [initial_noise(model, height, width, s, z) for s, z in zip(seeds, explicit, strict=True)]
-    )
-    tokens = denoise(model, contexts, height, width, settings, noise, callback)
+    """One image at the end of each context, sampled together: the decoded images and their latents
+    (B, z, H/8, W/8) in the model's scaled latent space."""
+    noise = request.noise(model, len(contexts))
+    tokens = denoise(model, contexts, request.height, request.width, request.settings, noise, callback)
     d = model.config.latent_downsample
-    grids = latent_grids(model, tokens, height // d, width // d)
+    grids = latent_grids(model, tokens, request.height // d, request.width // d)
     return [model.decode_latent(z) for z in grids], grids.cpu()

@@ -370,7 +370,7 @@ def test_edit_errors(tiny_model, picture):
 
 def test_generate_sequence(tiny_model, pixels):
     prompts = ["the red circle moves right", "the red circle moves down"]
-    frames, ctx = tasks.generate_sequence(tiny_model, prompts, settings=EDIT, seed=5)
+    (frames,), (ctx,) = tasks.generate_sequences(tiny_model, prompts, settings=EDIT, seed=5)
     assert [f.size for f in frames] == [(64, 64), (64, 64)]
     assert _kinds(ctx.cond) == ["text", "vae", "vit"] * 2
     assert [s.text for s in ctx.cond.segments if s.kind == "text"] == prompts
@@ -382,15 +382,15 @@ def test_generate_sequence(tiny_model, pixels):
 
 
 def test_generate_sequence_from_image(tiny_model, picture):
-    frames, ctx = tasks.generate_sequence(
+    (frames,), (ctx,) = tasks.generate_sequences(
         tiny_model, ["the red circle moves right"], image=picture.resize((100, 70)), settings=EDIT
     )
     assert frames[0].size == (96, 64)
     assert _kinds(ctx.cond) == ["vae", "vit", "text", "vae", "vit"]
     with pytest.raises(ValueError, match="at least one prompt"):
-        tasks.generate_sequence(tiny_model, [], settings=EDIT)
+        tasks.generate_sequences(tiny_model, [], settings=EDIT)
     with pytest.raises(ValueError, match="the prompt is empty"):
-        tasks.generate_sequence(tiny_model, [" ", "x"], settings=EDIT)
+        tasks.generate_sequences(tiny_model, [" ", "x"], settings=EDIT)
 
 
 @pytest.mark.parametrize(
@@ -400,10 +400,10 @@ def test_generate_sequence_from_image(tiny_model, picture):
 def test_a_sequence_takes_a_lone_height_or_width(tiny_model, picture, height, width, from_text, from_image):
     # as generate_image and edit_image do: the other side is the model's default, or the context's image's
     prompts = ["the red circle moves right", "the red circle moves down"]
-    frames, _ = tasks.generate_sequence(tiny_model, prompts, height=height, width=width, settings=EDIT)
+    (frames,), _ = tasks.generate_sequences(tiny_model, prompts, height=height, width=width, settings=EDIT)
     assert [f.size for f in frames] == [from_text] * 2
     image = picture.resize((100, 70))  # 96x64 after the official resize
-    frames, _ = tasks.generate_sequence(
+    (frames,), _ = tasks.generate_sequences(
         tiny_model, prompts, image=image, height=height, width=width, settings=EDIT
     )
     assert [f.size for f in frames] == [from_image] * 2
@@ -445,7 +445,7 @@ def test_empty_inputs(tiny_model):
         (lambda m: tasks.understand(m, "a\ud800b", settings=SHORT), "the question"),
         (lambda m: tasks.think(m, "a\ud800b", settings=SHORT), "the instruction"),
         (lambda m: tasks.generate_image(m, "a\ud800b", settings=T2I), "the prompt"),
-        (lambda m: tasks.generate_sequence(m, ["x", "a\ud800b"], settings=EDIT), "the prompt"),
+        (lambda m: tasks.generate_sequences(m, ["x", "a\ud800b"], settings=EDIT), "the prompt"),
         (lambda m: Context.empty(m).append_text("a\ud800b"), "the text"),
     ],
 )
@@ -621,7 +621,9 @@ def test_a_batch_of_sequences_equals_one_by_one(tiny_model, picture, pixels):
         tiny_model, prompts, image=picture, settings=EDIT, seed=5, batch_size=2
     )
     for b in range(2):
-        alone, ctx = tasks.generate_sequence(tiny_model, prompts, image=picture, settings=EDIT, seed=5 + b)
+        (alone,), (ctx,) = tasks.generate_sequences(
+            tiny_model, prompts, image=picture, settings=EDIT, seed=5 + b
+        )
         for got, want in zip(frames[b], alone, strict=True):
             assert np.abs(pixels(got) - pixels(want)).max() <= 1
         assert contexts[b].tokens == ctx.tokens
@@ -634,7 +636,7 @@ def test_an_edit_or_sequence_after_an_image_for_understanding_only_asks_for_the_
     with pytest.raises(ContextError, match="understanding only.*connect the image to the edit"):
         tasks.edit_image(tiny_model, None, "make the circle green", context=ctx)
     with pytest.raises(ContextError, match="understanding only.*sequence's image input"):
-        tasks.generate_sequence(tiny_model, ["move left"], context=ctx)
+        tasks.generate_sequences(tiny_model, ["move left"], context=ctx)
     tasks.edit_image(tiny_model, picture, "make the circle green", context=ctx, settings=EDIT)
     drawn = Context.empty(tiny_model).append_image(picture)  # vae + vit: the chain continues from it
     assert drawn.latest_image_drawable and not ctx.latest_image_drawable
