@@ -25,58 +25,10 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import FAST, NODES, PACK, ROOT, bridge, defaults, images, lib, loader, pack, run, tiny
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "comfyui_bagel_mot"
-FAST = {"steps": 3, "max_new_tokens": 8}  # overrides for speed, applied where a node has the input
-
-
-def _import_pack() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pack = _import_pack()
-lib = pack.bagel_model
-bridge = importlib.import_module(f"{PACK}.nodes.comfy_bridge")
-images = importlib.import_module(f"{PACK}.nodes.images")
-loader = importlib.import_module(f"{PACK}.nodes.loader")
-tiny = importlib.import_module(f"{PACK}.bagel_model.tiny")
-NODES = pack.NODE_CLASS_MAPPINGS
 SOCKETS = {"BAGEL_MODEL", "BAGEL_CONTEXT", "IMAGE", "LATENT"}
-
-
-def defaults(node_id: str) -> dict:
-    """What a freshly placed node sends: every required widget at its default."""
-    required = NODES[node_id].INPUT_TYPES()["required"]
-    values = {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
-    values.update({k: v for k, v in FAST.items() if k in required})
-    return values
-
-
-def run(node_id: str, **inputs):
-    """Call a node as ComfyUI's executor does: an instance, its FUNCTION, inputs as keywords."""
-    cls = NODES[node_id]
-    out = getattr(cls(), cls.FUNCTION)(**{**defaults(node_id), **inputs})
-    result = out["result"] if isinstance(out, dict) else out
-    assert len(result) == len(cls.RETURN_TYPES)
-    for value, kind in zip(result, cls.RETURN_TYPES, strict=True):
-        if kind == "IMAGE":
-            assert value.dtype == torch.float32 and value.ndim == 4 and value.shape[-1] == 3
-            assert 0.0 <= value.min() and value.max() <= 1.0
-        elif kind == "STRING":
-            assert isinstance(value, str)
-        elif kind == "BAGEL_CONTEXT":
-            assert isinstance(value, lib.Context)
-        elif kind == "LATENT":
-            assert value["samples"].dtype == torch.float32 and value["samples"].ndim == 4
-    return out
 
 
 @pytest.fixture(scope="module")
