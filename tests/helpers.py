@@ -41,6 +41,7 @@ lib = pack.bagel_model
 bridge = importlib.import_module(f"{PACK}.nodes.comfy_bridge")
 images = importlib.import_module(f"{PACK}.nodes.images")
 loader = importlib.import_module(f"{PACK}.nodes.loader")
+hub = importlib.import_module(f"{PACK}.nodes.hub")
 tiny = importlib.import_module(f"{PACK}.bagel_model.tiny")
 NODES = pack.NODE_CLASS_MAPPINGS
 

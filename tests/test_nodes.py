@@ -25,7 +25,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import FAST, NODES, PACK, ROOT, bridge, defaults, images, lib, loader, pack, run, tiny
+from helpers import FAST, NODES, PACK, ROOT, bridge, defaults, hub, images, lib, loader, pack, run, tiny
 from PIL import Image
 
 SOCKETS = {"BAGEL_MODEL", "BAGEL_CONTEXT", "IMAGE", "LATENT"}
@@ -379,7 +379,7 @@ def test_loader_loads_a_model_folder_and_never_downloads_one_that_is_there(tmp_p
     (managed,) = run("BAGELLoader", model_name="tiny", dtype="float32")
     assert managed.model.source == tmp_path / "tiny" and managed.model.dtype == torch.float32
     tiny.make_tiny(tmp_path / "o--tiny", seed=1)
-    monkeypatch.setattr(loader, "fetch", no_fetch)
+    monkeypatch.setattr(hub, "fetch", no_fetch)
     (managed,) = run(
         "BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, download_if_missing=True, repo_id="o/tiny"
     )
@@ -458,7 +458,7 @@ def load_downloading(repo_id: str):
 def test_download_from_a_server_that_never_answers_ends_with_the_way_out(models_dir, silent_hub, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
-    with pytest.raises(loader.DownloadError) as failed:
+    with pytest.raises(hub.DownloadError) as failed:
         within(120, lambda: load_downloading("someone/BAGEL-x"))
     message = str(failed.value)
     assert "did not answer within 1 s" in message
@@ -468,7 +468,7 @@ def test_download_from_a_server_that_never_answers_ends_with_the_way_out(models_
 def test_download_while_hugging_face_is_switched_off_says_so(models_dir, silent_hub, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(loader.DownloadError, match="HF_HUB_OFFLINE is set.*turn download_if_missing off"):
+    with pytest.raises(hub.DownloadError, match="HF_HUB_OFFLINE is set.*turn download_if_missing off"):
         within(120, lambda: load_downloading("someone/BAGEL-x"))
 
 
@@ -481,7 +481,7 @@ def test_download_stops_at_once_when_comfyui_cancels(models_dir, silent_hub, mon
         children.append(start_child(*args, **kwargs))
         return children[-1]
 
-    monkeypatch.setattr(loader.subprocess, "Popen", popen)
+    monkeypatch.setattr(hub.subprocess, "Popen", popen)
     modules, _ = fake_comfy(interrupt_at=3)  # Cancel at the third check, after about half a second
     start = time.monotonic()
     with mock.patch.dict(sys.modules, modules), pytest.raises(Interrupted):
@@ -503,7 +503,7 @@ def test_download_fetches_a_truncated_file_again(models_dir, tmp_path, monkeypat
         fetched.append((repo_id, target, (target / damaged).exists()))
         shutil.copy(good / damaged, target / damaged)
 
-    monkeypatch.setattr(loader, "fetch", fetch)
+    monkeypatch.setattr(hub, "fetch", fetch)
     (managed,) = load_downloading("o/tiny")
     assert fetched == [("o/tiny", folder, False)]  # the damaged file was removed, so the hub fetches it anew
     assert managed.model.source == folder
@@ -516,7 +516,7 @@ def test_download_folder_is_unique_per_repo_id(models_dir, monkeypatch):
         fetched.append(repo_id)
         tiny.make_tiny(target, seed=len(fetched))
 
-    monkeypatch.setattr(loader, "fetch", fetch)
+    monkeypatch.setattr(hub, "fetch", fetch)
     (a,), (b,) = load_downloading("a/x"), load_downloading("b/x")
     assert fetched == ["a/x", "b/x"]
     assert (a.model.source, b.model.source) == (models_dir / "a--x", models_dir / "b--x")
@@ -525,10 +525,10 @@ def test_download_folder_is_unique_per_repo_id(models_dir, monkeypatch):
 
 
 def test_download_refuses_a_repo_id_that_is_not_one(models_dir, monkeypatch):
-    monkeypatch.setattr(loader, "fetch", no_fetch)
+    monkeypatch.setattr(hub, "fetch", no_fetch)
     for bad in ("../../etc", "a/b/c", "a--b/c", "", "a/.."):
         with pytest.raises(
-            loader.DownloadError, match="not a Hugging Face repository id: write it as owner/name"
+            hub.DownloadError, match="not a Hugging Face repository id: write it as owner/name"
         ):
             load_downloading(bad)
 
@@ -547,7 +547,7 @@ def test_comfyui_names_our_errors_by_class_only():
         for value in vars(module).values()
         if isinstance(value, type) and issubclass(value, Exception) and value.__module__ in (name, "builtins")
     }
-    assert {lib.lora.LoraError, lib.ContextError, lib.CheckpointError, loader.DownloadError} <= ours
+    assert {lib.lora.LoraError, lib.ContextError, lib.CheckpointError, hub.DownloadError} <= ours
     assert sorted(comfy_type_name(cls) for cls in ours) == sorted(cls.__qualname__ for cls in ours)
 
 
@@ -1134,7 +1134,7 @@ def test_download_of_a_fine_tune_without_an_autoencoder(comfy_models, monkeypatc
         if not (target / "model_bf16.safetensors").exists():
             shutil.copy(bundled / "ema.safetensors", target / "model_bf16.safetensors")
 
-    monkeypatch.setattr(loader, "fetch", fetch)
+    monkeypatch.setattr(hub, "fetch", fetch)
     (managed,) = load_downloading("someone/Bagel-Zebra-CoT")
     folder = comfy_models["bagel"] / "someone--Bagel-Zebra-CoT"
     assert managed.model.source == folder and fetched == [[]]
