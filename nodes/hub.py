@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..bagel_model.checkpoint import (
+from ..bagel_model.layout import (
     AE_FILE,
     CONFIG_FILES,
     INDEX_SUFFIX,

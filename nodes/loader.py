@@ -2,7 +2,7 @@
 `.safetensors` file (the ComfyUI repackage) to a BAGEL_MODEL.
 
 Models are the bundled tiny one (always first, needs no file), then what `models/bagel/` holds: each
-subfolder with BAGEL's files (`bagel_model.checkpoint.is_model_folder`) and each `.safetensors` file at its
+subfolder with BAGEL's files (`bagel_model.layout.is_model_folder`) and each `.safetensors` file at its
 top level except readable ones that are not BAGEL networks (a stray ae.safetensors), then the BAGEL
 networks among the files of `models/diffusion_models/` (found by their position tables, other models are
 left out). A single file has no autoencoder and no tokenizer: it takes FLUX's ae.safetensors from
@@ -19,16 +19,9 @@ from pathlib import Path
 
 from .. import bagel_model
 from ..bagel_model import bundled
-from ..bagel_model.checkpoint import (
-    AE_FILE,
-    DTYPE_CHOICES,
-    CheckpointError,
-    is_bagel_file,
-    is_model_folder,
-    read_header,
-    resolve_dtype,
-)
+from ..bagel_model.checkpoint import DTYPE_CHOICES, resolve_dtype
 from ..bagel_model.layers.attention import BACKENDS
+from ..bagel_model.layout import AE_FILE, CheckpointError, is_bagel_file, is_model_folder, read_header
 from ..bagel_model.quant import WEIGHT_MODES, quiet_int8_cast_warnings
 from . import comfy_bridge
 from .hub import DOWNLOAD_TIMEOUT, OFFICIAL_REPO, download

@@ -281,7 +281,7 @@ def test_size_not_a_multiple_of_16_is_refused(model):
 
 
 def test_size_tooltips_name_each_models_limit_and_default():
-    config = importlib.import_module(f"{PACK}.bagel_model.checkpoint").read_config(
+    config = importlib.import_module(f"{PACK}.bagel_model.layout").read_config(
         lib.bundled.default_model_dir()
     )
     for side in ("width", "height"):

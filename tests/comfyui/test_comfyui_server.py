@@ -17,7 +17,7 @@ from conftest import WORKFLOWS, workflow
 from PIL import ImageChops
 
 from bagel_model import BagelModel, bundled
-from bagel_model.checkpoint import read_config
+from bagel_model.layout import read_config
 from bagel_model.shapes import (
     CELLS,
     COLORS,
