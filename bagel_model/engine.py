@@ -7,8 +7,8 @@ interrupt raised in the callback) leaves nothing half-written.
 
 Progress and interruption go through one optional `callback(step, total, payload)`, called after each
 decoded token (payload: the text so far, a prefix of the answer, so a caller can stream it) or denoising
-step (payload: the step's estimate of the clean latent, (z, H/8, W/8) or (B, z, H/8, W/8) for a batch, in
-the model's scaled space: what a preview shows).
+step (payload: the step's estimate of the clean latents (B, z, H/8, W/8), in the model's scaled space: what
+a preview shows).
 """
 
 from __future__ import annotations
@@ -264,42 +264,36 @@ def guided_velocity(
 @torch.no_grad()
 def denoise(
     model: BagelModel,
-    context: Context | Sequence[Context],
+    contexts: Sequence[Context],
     height: int,
     width: int,
     settings: FlowSettings,
     noise: torch.Tensor,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Sample an image at the end of `context`: the final latent tokens (h*w, c). With a sequence of B
-    contexts and noise (B, h*w, c), B images are sampled together, image b at the end of context b (one
-    context repeated: a batch of seeds; one context per image: a batch of edits), and the tokens come back
-    as (B, h*w, c). The setup (`guided_velocity`) is built first; the loop is `sampling.euler`'s."""
-    single = isinstance(context, Context)
-    contexts = [context] if single else list(context)
-    if not single and (noise.ndim != 3 or noise.shape[0] != len(contexts)):
+    """Sample B images together, image b at the end of context b (one context repeated: a batch of seeds;
+    one context per image: a batch of edits), from noise (B, h*w, c): their final latent tokens
+    (B, h*w, c). The setup (`guided_velocity`) is built first; the loop is `sampling.euler`'s."""
+    if noise.ndim != 3 or noise.shape[0] != len(contexts):
         raise ValueError(f"noise of shape {list(noise.shape)} for {len(contexts)} contexts, not (B, n, c)")
     velocity = guided_velocity(model, contexts, height, width, settings)
     h, w = velocity.frame.h, velocity.frame.w
 
     def report(step: int, total: int, x0: torch.Tensor) -> None:
-        callback(step, total, latent_grids(model, x0[0] if single else x0, h, w))
+        callback(step, total, latent_grids(model, x0, h, w))
 
-    x = noise.to(device=model.device, dtype=torch.float32)
     times, steps = schedule(settings.num_steps, settings.timestep_shift)
-    x = euler(velocity, x[None] if single else x, times, steps, settings.step_cache, callback and report)
-    return x[0] if single else x
+    x = noise.to(device=model.device, dtype=torch.float32)
+    return euler(velocity, x, times, steps, settings.step_cache, None if callback is None else report)
 
 
 def latent_grids(model: BagelModel, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Latent tokens (h*w, c) or (B, h*w, c) on an h x w grid -> the autoencoder's latents (z, 2h, 2w) or
-    (B, z, 2h, 2w) in the model's scaled space (what its decoder, or a preview, reads)."""
+    """Latent tokens (B, h*w, c) on an h x w grid -> the autoencoder's latents (B, z, 2h, 2w) in the model's
+    scaled space (what its decoder, or a preview, reads)."""
     cfg = model.config
-    grids = [
-        unpatchify_latent(t, h, w, cfg.latent_patch_size, cfg.latent_channels)
-        for t in tokens.view(-1, *tokens.shape[-2:])
-    ]
-    return grids[0] if tokens.ndim == 2 else torch.stack(grids)
+    return torch.stack(
+        [unpatchify_latent(t, h, w, cfg.latent_patch_size, cfg.latent_channels) for t in tokens]
+    )
 
 
 @dataclass(frozen=True)

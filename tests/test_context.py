@@ -137,7 +137,7 @@ def test_velocity_equals_one_prefill(tiny_model, chain, reference_parts, count_p
     noise = torch.randn(h * w, cfg.patch_latent_dim, generator=torch.Generator().manual_seed(0))
     # num_steps=2 evaluates t = 1 once with dt = 1, so x_out = noise - v
     settings = FlowSettings(num_steps=2, cfg_text_scale=1.0)
-    x = denoise(model, chain, 32, 32, settings, noise)
+    x = denoise(model, [chain], 32, 32, settings, noise[None])[0]
     assert len(count_passes) == 1
     v_cached = noise - x
     with torch.no_grad():

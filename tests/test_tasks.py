@@ -40,7 +40,8 @@ def _kinds(history: History) -> list[str]:
 
 
 def _noise(model, n=16, seed=0):
-    return torch.randn(n, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
+    """Start noise (1, n, c) of one image, as `engine.denoise` takes it."""
+    return torch.randn(1, n, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def six(**kwargs) -> FlowSettings:
 def test_denoise_pass_count(tiny_model, t2i_ctx, edit_ctx, count_passes, which, settings, expected, batch):
     ctx = t2i_ctx if which == "t2i" else edit_ctx
     settings = replace(settings, batch_cfg=batch)
-    engine.denoise(tiny_model, ctx, 64, 64, settings, _noise(tiny_model))
+    engine.denoise(tiny_model, [ctx], 64, 64, settings, _noise(tiny_model))
     # branch passes, the work, batched or not: each is the image query, and nothing else runs
     assert sum(count_passes) == expected * (16 + 2)
     if batch:
@@ -102,16 +103,16 @@ def test_generate_image_passes(tiny_model, count_passes):
 def test_step_cache_runs_the_network_on_every_kth_step(tiny_model, t2i_ctx, count_passes, k, evaluated_steps):
     """Steps 0 and 1 seed the extrapolation; afterwards only multiples of k run the network (5 steps)."""
     settings = six(cfg_text_scale=1.0, step_cache=k)
-    engine.denoise(tiny_model, t2i_ctx, 64, 64, settings, _noise(tiny_model))
+    engine.denoise(tiny_model, [t2i_ctx], 64, 64, settings, _noise(tiny_model))
     assert len(count_passes) == len(evaluated_steps)
 
 
 def test_step_cache_stays_close_to_the_full_sampler(tiny_model, edit_ctx, count_passes):
     noise = _noise(tiny_model, seed=2)
     settings = FlowSettings(num_steps=12, cfg_img_scale=2.0)
-    full = engine.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    full = engine.denoise(tiny_model, [edit_ctx], 64, 64, settings, noise)
     full_passes = sum(count_passes)
-    cached = engine.denoise(tiny_model, edit_ctx, 64, 64, replace(settings, step_cache=2), noise)
+    cached = engine.denoise(tiny_model, [edit_ctx], 64, 64, replace(settings, step_cache=2), noise)
     cached_passes = sum(count_passes) - full_passes
     assert cached_passes <= 0.66 * full_passes  # 7 of 11 steps evaluated
     error = float((cached - full).norm() / full.norm())
@@ -119,12 +120,13 @@ def test_step_cache_stays_close_to_the_full_sampler(tiny_model, edit_ctx, count_
 
 
 def _plain_denoise(model, ctx, height, width, settings, noise):
-    """Every branch at every step, each on its own history, then the official combination."""
+    """Every branch at every step, each on its own history, then the official combination (one image:
+    noise (1, n, c))."""
     h, w = height // 16, width // 16
     m = model.tokenizer.markers
     start, end = model.net.embed_text(torch.tensor([m.start_of_image, m.end_of_image])).split(1)
     is_gen = torch.tensor([False] + [True] * (h * w) + [False])
-    x = noise.clone()
+    x = noise[0].clone()
     times, steps = schedule(settings.num_steps, settings.timestep_shift)
     for t, dt in zip(times, steps, strict=True):
         pos = flattened_position_ids(h, w, model.config.max_latent_size)
@@ -158,11 +160,11 @@ def _plain_denoise(model, ctx, height, width, settings, noise):
 def test_denoise_equals_plain_loop(tiny_model, edit_ctx, renorm, batch):
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0, renorm_type=renorm, batch_cfg=batch)
     noise = _noise(tiny_model, seed=1)
-    fast = engine.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    fast = engine.denoise(tiny_model, [edit_ctx], 64, 64, settings, noise)
     plain = _plain_denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[0], plain, atol=1e-5, rtol=1e-5)
     # the guidance acts: without it the result differs
-    unguided = engine.denoise(tiny_model, edit_ctx, 64, 64, six(cfg_text_scale=1.0), noise)
+    unguided = engine.denoise(tiny_model, [edit_ctx], 64, 64, six(cfg_text_scale=1.0), noise)
     assert (fast - unguided).abs().max() > 1e-3
 
 
@@ -175,9 +177,9 @@ def test_reused_image_branch_equals_recomputed(tiny_model, t2i_ctx, count_passes
     forced = Context(tiny_model, t2i_ctx.cond, t2i_ctx.uncond_text, twin)
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0)
     noise = _noise(tiny_model, seed=2)
-    reused = engine.denoise(tiny_model, t2i_ctx, 64, 64, settings, noise)
+    reused = engine.denoise(tiny_model, [t2i_ctx], 64, 64, settings, noise)
     n_reused = sum(count_passes) // (16 + 2)
-    recomputed = engine.denoise(tiny_model, forced, 64, 64, settings, noise)
+    recomputed = engine.denoise(tiny_model, [forced], 64, 64, settings, noise)
     assert (n_reused, sum(count_passes) // (16 + 2) - n_reused) == (5 + 3, 5 + 2 * 3)
     torch.testing.assert_close(reused, recomputed, atol=1e-6, rtol=1e-6)
 
@@ -185,12 +187,18 @@ def test_reused_image_branch_equals_recomputed(tiny_model, t2i_ctx, count_passes
 def test_denoise_callback_reports_each_step(tiny_model, t2i_ctx):
     seen = []
     x = engine.denoise(
-        tiny_model, t2i_ctx, 64, 64, T2I, _noise(tiny_model), callback=lambda i, n, p: seen.append((i, n, p))
+        tiny_model,
+        [t2i_ctx],
+        64,
+        64,
+        T2I,
+        _noise(tiny_model),
+        callback=lambda i, n, p: seen.append((i, n, p)),
     )
     assert [(i, n) for i, n, _ in seen] == [(1, 2), (2, 2)]
     # the payload is each step's clean estimate x - t v as a latent: at the last step (t = dt) the result
     result = engine.latent_grids(tiny_model, x, 4, 4)
-    assert torch.equal(seen[-1][2], result) and result.shape == (tiny_model.config.latent_channels, 8, 8)
+    assert torch.equal(seen[-1][2], result) and result.shape == (1, tiny_model.config.latent_channels, 8, 8)
     assert (seen[0][2] - result).abs().max() > 1e-3  # the first estimate is a guess, not the result
 
 
