@@ -4,8 +4,9 @@ context, and understand, think, generate, edit and continue images over it.
 This package never imports ComfyUI; `nodes/` adapts it to ComfyUI.
 """
 
-from .checkpoint import CheckpointError, load
+from .checkpoint import load
 from .context import Context, ContextError
+from .layout import CheckpointError
 from .model import BagelModel
 from .reasoning import PROTOCOLS, THINKMORPH, ZEBRA_COT, Reasoning, reason
 from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings
@@ -18,7 +19,6 @@ from .tasks import (
     edit_images,
     generate_image,
     generate_images,
-    generate_sequence,
     generate_sequences,
     think,
     understand,
@@ -44,7 +44,6 @@ __all__ = [
     "edit_images",
     "generate_image",
     "generate_images",
-    "generate_sequence",
     "generate_sequences",
     "load",
     "reason",

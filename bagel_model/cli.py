@@ -257,7 +257,7 @@ def cmd_sequence(args: argparse.Namespace) -> Output:
     prompts = _frame_prompts(args.prompt, args.frames)
     settings = _flow_settings(args, EDIT_SETTINGS)
     model = _model(args)
-    frames, _ = tasks.generate_sequence(
+    (frames,), _ = tasks.generate_sequences(
         model, prompts, image=image, height=args.height, width=args.width, settings=settings, seed=args.seed,
         callback=_progress(args),
     )  # fmt: skip
@@ -323,10 +323,10 @@ def cmd_demo(args: argparse.Namespace) -> Output:
     )
     planned, _ = tasks.generate_image(model, None, context=plan, settings=steps, seed=args.seed, **size)
     edited, _ = tasks.edit_image(model, t2i, "make the circle green", settings=edit_steps, seed=args.seed)
-    frames, _ = tasks.generate_sequence(
+    (frames,), _ = tasks.generate_sequences(
         model, ["the red circle moves right"] * 2, image=t2i, settings=edit_steps, seed=args.seed
     )
-    views, _ = tasks.generate_sequence(model, DEMO_MOVES, image=t2i, settings=edit_steps, seed=args.seed)
+    (views,), _ = tasks.generate_sequences(model, DEMO_MOVES, image=t2i, settings=edit_steps, seed=args.seed)
     items = [("t2i", t2i), ("think->t2i", planned), ("edit", edited)]
     items += [(f"frame {k + 1}", f) for k, f in enumerate(frames)]
     items += [(move, view) for move, view in zip(DEMO_MOVES, views, strict=True)]

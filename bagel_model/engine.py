@@ -7,8 +7,8 @@ interrupt raised in the callback) leaves nothing half-written.
 
 Progress and interruption go through one optional `callback(step, total, payload)`, called after each
 decoded token (payload: the text so far, a prefix of the answer, so a caller can stream it) or denoising
-step (payload: the step's estimate of the clean latent, (z, H/8, W/8) or (B, z, H/8, W/8) for a batch, in
-the model's scaled space: what a preview shows).
+step (payload: the step's estimate of the clean latents (B, z, H/8, W/8), in the model's scaled space: what
+a preview shows).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from PIL import Image
 from .context import Context, ContextError, History
 from .images import patchify, unpatchify_latent
 from .layers.decoder import KVCache
-from .model import BagelModel
-from .sampling import FlowSettings, batch_cfg, cfg_active, check_finite, combine_cfg, euler
+from .model import BagelModel, ImageFrame
+from .sampling import FlowSettings, batch_cfg, cfg_active, check_finite, combine_cfg, euler, schedule
 
 StepCallback = Callable[[int, int, object], None]
 """callback(step, total, payload): the text so far (a `str`: decoding) or the clean-latent estimate (a
@@ -200,30 +200,49 @@ class _Guidance:
         return combine_cfg(v, v_text, v_img, text_scale, img_scale, settings.renorm_type, settings.renorm_min)
 
 
-@torch.no_grad()
-def denoise(
-    model: BagelModel,
-    context: Context | Sequence[Context],
-    height: int,
-    width: int,
-    settings: FlowSettings,
-    noise: torch.Tensor,
-    callback: StepCallback | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Sample an image at the end of `context`: the final latent tokens (h*w, c) and the number of branch
-    passes the network ran. With a sequence of B contexts and noise (B, h*w, c), B images are sampled
-    together, image b at the end of context b (one context repeated: a batch of seeds; one context per
-    image: a batch of edits), and the tokens come back as (B, h*w, c).
+@dataclass(frozen=True)
+class GuidedVelocity:
+    """The guided velocity of B images, each at the end of its own context: what `euler` integrates.
 
-    Each CFG branch's history is copied once, into a cache with room for the image query, before the loop.
-    A branch whose history is the conditional one (image CFG in plain text-to-image) reuses the
-    conditional velocity instead of recomputing it, and no CFG pass runs at steps outside `cfg_interval`
-    or when its scale is <= 1. A step's passes (every image's branches) run as one forward when
-    `batch_cfg` says so, else one forward each."""
-    single = isinstance(context, Context)
-    contexts = [context] if single else list(context)
-    if not single and (noise.ndim != 3 or noise.shape[0] != len(contexts)):
-        raise ValueError(f"noise of shape {list(noise.shape)} for {len(contexts)} contexts, not (B, n, c)")
+    Built once before the loop (`guided_velocity`): each CFG branch's history copied into a cache with room
+    for the image query. A call runs one step's passes, every image's active branches, as one forward when
+    `batched`, else one forward each, and combines each image's velocities by its CFG."""
+
+    model: BagelModel
+    frame: ImageFrame
+    guidance: list[_Guidance]
+    settings: FlowSettings
+    batched: bool
+
+    def __call__(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        """The guided velocity (B, h*w, c) of latent tokens `x` (B, h*w, c) at flow time t."""
+        model, frame, settings = self.model, self.frame, self.settings
+        guided = cfg_active(t, settings.cfg_interval)
+        text_scale = settings.cfg_text_scale if guided else 1.0
+        img_scale = settings.cfg_img_scale if guided else 1.0
+        active = [g.active(text_scale, img_scale) for g in self.guidance]
+        queries = [model.latent_query(frame, tokens, t) for tokens in x]
+        parts = [(queries[b], br) for b, branches in enumerate(active) for br in branches]
+        velocities = []
+        for group in [parts] if self.batched else [[p] for p in parts]:
+            qs, brs = zip(*group, strict=True)
+            hidden = model.run(qs, [br.rope for br in brs], [br.cache for br in brs])
+            velocities.extend(model.net.velocity(hidden.view(len(group), frame.length, -1)[:, 1:-1]).float())
+        out, k = [], 0
+        for g, branches in zip(self.guidance, active, strict=True):
+            out.append(g.combine(velocities[k : k + len(branches)], text_scale, img_scale, settings))
+            k += len(branches)
+        return torch.stack(out)
+
+
+def guided_velocity(
+    model: BagelModel, contexts: Sequence[Context], height: int, width: int, settings: FlowSettings
+) -> GuidedVelocity:
+    """The sampler's setup: one branch per CFG history of each context, sized for a height x width image.
+
+    A branch whose history is the conditional one (image CFG in plain text-to-image) is not built: its
+    velocity is the conditional one, reused. No CFG pass runs at steps outside `cfg_interval` or when its
+    scale is <= 1 (`_Guidance.active`)."""
     cfg = model.config
     frame = model.image_frame(height // cfg.latent_downsample, width // cfg.latent_downsample)
 
@@ -239,73 +258,81 @@ def denoise(
         for c in contexts
     ]
     batched = batch_cfg(settings, model.device, frame.h * frame.w * len(contexts))
-    passes = 0
-
-    def guided_velocity(t: float, x: torch.Tensor) -> torch.Tensor:
-        nonlocal passes
-        images = x.unsqueeze(0) if single else x  # (B, h*w, c)
-        guided = cfg_active(t, settings.cfg_interval)
-        text_scale = settings.cfg_text_scale if guided else 1.0
-        img_scale = settings.cfg_img_scale if guided else 1.0
-        active = [g.active(text_scale, img_scale) for g in guidance]
-        queries = [model.latent_query(frame, tokens, t) for tokens in images]
-        parts = [(queries[b], br) for b, branches in enumerate(active) for br in branches]
-        passes += len(parts)
-        groups = [parts] if batched else [[p] for p in parts]
-        velocities = []
-        for group in groups:
-            qs, brs = zip(*group, strict=True)
-            hidden = model.run(qs, [br.rope for br in brs], [br.cache for br in brs])
-            velocities.extend(model.net.velocity(hidden.view(len(group), frame.length, -1)[:, 1:-1]).float())
-        out, k = [], 0
-        for g, branches in zip(guidance, active, strict=True):
-            out.append(g.combine(velocities[k : k + len(branches)], text_scale, img_scale, settings))
-            k += len(branches)
-        return out[0] if single else torch.stack(out)
-
-    def report(step: int, total: int, x0: torch.Tensor) -> None:
-        callback(step, total, latent_grids(model, x0, frame.h, frame.w))
-
-    noise = noise.to(device=model.device, dtype=torch.float32)
-    return euler(guided_velocity, noise, settings, None if callback is None else report), passes
+    return GuidedVelocity(model, frame, guidance, settings, batched)
 
 
-def latent_grids(model: BagelModel, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Latent tokens (h*w, c) or (B, h*w, c) on an h x w grid -> the autoencoder's latents (z, 2h, 2w) or
-    (B, z, 2h, 2w) in the model's scaled space (what its decoder, or a preview, reads)."""
-    cfg = model.config
-    grids = [
-        unpatchify_latent(t, h, w, cfg.latent_patch_size, cfg.latent_channels)
-        for t in tokens.view(-1, *tokens.shape[-2:])
-    ]
-    return grids[0] if tokens.ndim == 2 else torch.stack(grids)
-
-
-def sample_images(
+@torch.no_grad()
+def denoise(
     model: BagelModel,
     contexts: Sequence[Context],
     height: int,
     width: int,
     settings: FlowSettings,
-    seeds: Sequence[int | None],
-    latents: torch.Tensor | None = None,
+    noise: torch.Tensor,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Sample B images together, image b at the end of context b (one context repeated: a batch of seeds;
+    one context per image: a batch of edits), from noise (B, h*w, c): their final latent tokens
+    (B, h*w, c). The setup (`guided_velocity`) is built first; the loop is `sampling.euler`'s."""
+    if noise.ndim != 3 or noise.shape[0] != len(contexts):
+        raise ValueError(f"noise of shape {list(noise.shape)} for {len(contexts)} contexts, not (B, n, c)")
+    velocity = guided_velocity(model, contexts, height, width, settings)
+    h, w = velocity.frame.h, velocity.frame.w
+
+    def report(step: int, total: int, x0: torch.Tensor) -> None:
+        callback(step, total, latent_grids(model, x0, h, w))
+
+    times, steps = schedule(settings.num_steps, settings.timestep_shift)
+    x = noise.to(device=model.device, dtype=torch.float32)
+    return euler(velocity, x, times, steps, settings.step_cache, None if callback is None else report)
+
+
+def latent_grids(model: BagelModel, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Latent tokens (B, h*w, c) on an h x w grid -> the autoencoder's latents (B, z, 2h, 2w) in the model's
+    scaled space (what its decoder, or a preview, reads)."""
+    cfg = model.config
+    return torch.stack(
+        [unpatchify_latent(t, h, w, cfg.latent_patch_size, cfg.latent_channels) for t in tokens]
+    )
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What one batch of images is drawn with, handed as one value from a task to the sampler: the size,
+    the sampler settings, and the start noise: item b's from seed + b (None: a random seed), or row b of
+    explicit `latents` (B, z, H/8, W/8)."""
+
+    height: int
+    width: int
+    settings: FlowSettings
+    seed: int | None = 0
+    latents: torch.Tensor | None = None
+
+    def noise(self, model: BagelModel, batch: int) -> torch.Tensor:
+        """The start noise (B, h*w, c) of a batch of `batch`: item b is what a batch of one gives with its
+        seed or latents."""
+        if self.latents is not None and self.latents.shape[0] != batch:
+            raise ValueError(f"latents hold {self.latents.shape[0]} images for a batch of {batch}")
+        explicit = [None] * batch if self.latents is None else list(self.latents)
+        seeds = [None if self.seed is None else self.seed + b for b in range(batch)]
+        return torch.stack(
+            [
+                initial_noise(model, self.height, self.width, s, z)
+                for s, z in zip(seeds, explicit, strict=True)
+            ]
+        )
+
+
+def sample_images(
+    model: BagelModel,
+    contexts: Sequence[Context],
+    request: ImageRequest,
     callback: StepCallback | None = None,
 ) -> tuple[list[Image.Image], torch.Tensor]:
-    """One image at the end of each context, sampled together from noise of its seed (or explicit
-    `latents` (B, z, H/8, W/8)): the decoded images and their latents (B, z, H/8, W/8) in the model's
-    scaled latent space."""
-    if latents is not None and latents.shape[0] != len(contexts):
-        raise ValueError(f"latents hold {latents.shape[0]} images for a batch of {len(contexts)}")
-    explicit = [None] * len(contexts) if latents is None else list(latents)
-    noise = torch.stack(
-        [initial_noise(model, height, width, s, z) for s, z in zip(seeds, explicit, strict=True)]
-    )
-    tokens, _ = denoise(model, contexts, height, width, settings, noise, callback)
-    cfg, d = model.config, model.config.latent_downsample
-    grids = torch.stack(
-        [
-            unpatchify_latent(t, height // d, width // d, cfg.latent_patch_size, cfg.latent_channels)
-            for t in tokens
-        ]
-    )
+    """One image at the end of each context, sampled together: the decoded images and their latents
+    (B, z, H/8, W/8) in the model's scaled latent space."""
+    noise = request.noise(model, len(contexts))
+    tokens = denoise(model, contexts, request.height, request.width, request.settings, noise, callback)
+    d = model.config.latent_downsample
+    grids = latent_grids(model, tokens, request.height // d, request.width // d)
     return [model.decode_latent(z) for z in grids], grids.cpu()

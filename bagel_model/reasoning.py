@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .context import Context
-from .engine import STOP_END, STOP_WINDOW, StepCallback, TextSettings, decode_text
+from .engine import STOP_END, STOP_WINDOW, ImageRequest, StepCallback, TextSettings, decode_text
 from .model import BagelModel
 from .sampling import EDIT_SETTINGS, FlowSettings
 from .tasks import IMAGE_POSITIONS, check_prompt, render, start
@@ -244,4 +244,5 @@ def _draw(
     """An image at the end of `ctx`, the size of its latest image (or the model's default size)."""
     cfg = model.config.inference
     height, width = ctx.image_size or (cfg.default_height, cfg.default_width)
-    return render(model, [ctx], height, width, settings, seed, None, callback, append_result=False).images[0]
+    request = ImageRequest(height, width, settings, seed)
+    return render(model, [ctx], request, callback=callback, append_result=False).images[0]

@@ -8,7 +8,7 @@ function; `engine.py` gives it BAGEL's guided velocity. Nothing here knows about
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -178,20 +178,22 @@ def extrapolate_velocity(
 def euler(
     velocity: Callable[[float, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
-    settings: FlowSettings,
+    times: Sequence[float],
+    steps: Sequence[float],
+    step_cache: int = 1,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Integrate from noise `x` (t = 1) to data (t = 0) with `settings.num_steps - 1` Euler steps.
+    """Integrate from noise `x` (t = 1) to data (t = 0) by Euler steps of sizes `steps` at `times` (both
+    from `schedule`).
 
-    `velocity(t, x)` is evaluated at each step, except with `settings.step_cache = k > 1`: then only every
-    k-th step (and the first two, which seed the trend) calls it and the others extrapolate (faster, not
-    identical). `callback(step, total, x0)` follows every step with the step's estimate of the clean
-    sample, x0 = x - t v (what a preview shows; at the last step it is the result); an exception raised
-    there stops the loop."""
-    times, steps = schedule(settings.num_steps, settings.timestep_shift)
+    `velocity(t, x)` is evaluated at each step, except with `step_cache = k > 1`: then only every k-th step
+    (and the first two, which seed the trend) calls it and the others extrapolate (faster, not identical).
+    `callback(step, total, x0)` follows every step with the step's estimate of the clean sample,
+    x0 = x - t v (what a preview shows; at the last step it is the result); an exception raised there stops
+    the loop."""
     evaluated: list[tuple[float, torch.Tensor]] = []  # the last two (t, v) from `velocity`
     for i, (t, dt) in enumerate(zip(times, steps, strict=True)):
-        if settings.step_cache > 1 and len(evaluated) == 2 and i % settings.step_cache:
+        if step_cache > 1 and len(evaluated) == 2 and i % step_cache:
             v = extrapolate_velocity(t, *evaluated)
         else:
             v = velocity(t, x)

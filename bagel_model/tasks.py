@@ -2,10 +2,12 @@
 
 Each task takes a context (or starts one), does what the official `InterleaveInferencer` does with the
 official per-task defaults, and returns its result with the extended context, so tasks chain. Each is a
-short recipe: append to the context, run one of `engine.py`'s loops, append the result. Progress and
-interruption go through one optional `callback` (see `engine.StepCallback`): an exception raised in it
-(ComfyUI's interrupt, for one) stops the task cleanly — a context is only ever replaced, never
-half-written.
+short recipe: append to the context, run one of `engine.py`'s loops, append the result. The image tasks
+are batch-aware (`generate_images`, `edit_images`, `generate_sequences`; a batch of one is the plain case)
+and every option is keyword-only; what travels from a task to the sampler is one `engine.ImageRequest`.
+Progress and interruption go through one optional `callback` (see `engine.StepCallback`): an exception
+raised in it (ComfyUI's interrupt, for one) stops the task cleanly — a context is only ever replaced,
+never half-written.
 
 Thinking system prompts are the official strings, byte for byte (BAGEL_REFERENCE §5.4).
 """
@@ -13,12 +15,13 @@ Thinking system prompts are the official strings, byte for byte (BAGEL_REFERENCE
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 
 from .context import Context, ContextError
-from .engine import Answer, StepCallback, TextSettings, decode_text, sample_images
+from .engine import Answer, ImageRequest, StepCallback, TextSettings, decode_text, sample_images
 from .images import resize_dims
 from .model import BagelModel
 from .sampling import EDIT_SETTINGS, T2I_SETTINGS, FlowSettings
@@ -59,6 +62,7 @@ def check_prompt(prompt: str, what: str = "prompt") -> str:
 def understand(
     model: BagelModel,
     question: str,
+    *,
     image: Image.Image | None = None,
     context: Context | None = None,
     think: bool = False,
@@ -84,6 +88,7 @@ def understand(
 def think(
     model: BagelModel,
     instruction: str,
+    *,
     image: Image.Image | None = None,
     context: Context | None = None,
     mode: str = "generate",
@@ -127,11 +132,6 @@ class Images:
     contexts: list[Context]
 
 
-def _seeds(seed: int | None, n: int) -> list[int | None]:
-    """Item b of a batch uses seed + b, so it is what a batch of one gives with that seed."""
-    return [None if seed is None else seed + b for b in range(n)]
-
-
 def _check_batch(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -140,23 +140,19 @@ def _check_batch(batch_size: int) -> None:
 def render(
     model: BagelModel,
     contexts: list[Context],
-    height: int,
-    width: int,
-    settings: FlowSettings,
-    seed: int | None,
-    latents: torch.Tensor | None,
-    callback: StepCallback | None,
-    append_result: bool,
+    request: ImageRequest,
+    *,
+    callback: StepCallback | None = None,
+    append_result: bool = True,
 ) -> Images:
     """Generate at the end of each context (together), then append each image (clean, VAE + ViT) to its
     context so the next step sees it; with `append_result=False` the contexts are returned as they were
     (one-shot use: encoding a result costs a VAE encode, a ViT pass and a prefill that nothing would
     read)."""
-    check_size(model, height, width)
+    check_size(model, request.height, request.width)
     for ctx in contexts:  # sampling takes one position; appending the result takes two (VAE + ViT)
         ctx.check_fits(IMAGE_POSITIONS if append_result else 1)
-    seeds = _seeds(seed, len(contexts))
-    images, grids = sample_images(model, contexts, height, width, settings, seeds, latents, callback)
+    images, grids = sample_images(model, contexts, request, callback)
     if append_result:
         contexts = [ctx.append_image(image) for ctx, image in zip(contexts, images, strict=True)]
     return Images(images, grids, contexts)
@@ -165,15 +161,16 @@ def render(
 def generate_images(
     model: BagelModel,
     prompt: str | None,
+    *,
     context: Context | None = None,
     height: int | None = None,
     width: int | None = None,
     settings: FlowSettings = T2I_SETTINGS,
     seed: int | None = 0,
     batch_size: int = 1,
+    latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     append_result: bool = True,
-    latents: torch.Tensor | None = None,
 ) -> Images:
     """Text-to-image, `batch_size` images from seeds seed, seed + 1, ... sampled together. `prompt` may be
     None to generate from a context that already holds the request (after `think`, say). Size defaults
@@ -188,26 +185,16 @@ def generate_images(
         raise ValueError("the prompt is empty and there is no context to generate from")
     height = model.config.inference.default_height if height is None else height
     width = model.config.inference.default_width if width is None else width
-    return render(model, [ctx] * batch_size, height, width, settings, seed, latents, callback, append_result)
+    request = ImageRequest(height, width, settings, seed, latents)
+    return render(model, [ctx] * batch_size, request, callback=callback, append_result=append_result)
 
 
 def generate_image(
-    model: BagelModel,
-    prompt: str | None,
-    context: Context | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    settings: FlowSettings = T2I_SETTINGS,
-    seed: int | None = 0,
-    latents: torch.Tensor | None = None,
-    callback: StepCallback | None = None,
-    append_result: bool = True,
+    model: BagelModel, prompt: str | None, *, latents: torch.Tensor | None = None, **options: Any
 ) -> tuple[Image.Image, Context]:
-    """One text-to-image result (see `generate_images`); explicit `latents` are (z, H/8, W/8)."""
-    out = generate_images(
-        model, prompt, context, height, width, settings, seed, 1, callback, append_result,
-        None if latents is None else latents.unsqueeze(0),
-    )  # fmt: skip
+    """`generate_images` for a batch of one, its result unpacked as (image, context); explicit `latents`
+    are (z, H/8, W/8). Not a second implementation: every option is `generate_images`'s, by name."""
+    out = generate_images(model, prompt, latents=_one(latents), **options)
     return out.images[0], out.contexts[0]
 
 
@@ -215,16 +202,17 @@ def edit_images(
     model: BagelModel,
     images: list[Image.Image] | None,
     instruction: str | None,
+    *,
     context: Context | None = None,
-    settings: FlowSettings = EDIT_SETTINGS,
-    seed: int | None = 0,
+    image_latents: torch.Tensor | None = None,
     height: int | None = None,
     width: int | None = None,
+    settings: FlowSettings = EDIT_SETTINGS,
+    seed: int | None = 0,
     batch_size: int = 1,
+    latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     append_result: bool = True,
-    latents: torch.Tensor | None = None,
-    image_latents: torch.Tensor | None = None,
 ) -> Images:
     """Edit each of `images` (each appended VAE + ViT to its own copy of the context) by `instruction`,
     all sampled together; one image, or with `images=None` the latest image of the context (a multi-turn
@@ -260,8 +248,32 @@ def edit_images(
             "at a time or resize them to one size first"
         )
     h, w = sizes.pop()
-    height, width = (h if height is None else height), (w if width is None else width)
-    return render(model, contexts, height, width, settings, seed, latents, callback, append_result)
+    request = ImageRequest(
+        h if height is None else height, w if width is None else width, settings, seed, latents
+    )
+    return render(model, contexts, request, callback=callback, append_result=append_result)
+
+
+def edit_image(
+    model: BagelModel,
+    image: Image.Image | None,
+    instruction: str | None,
+    *,
+    latents: torch.Tensor | None = None,
+    **options: Any,
+) -> tuple[Image.Image, Context]:
+    """`edit_images` of one image (or, with `image=None`, of the context's latest image), its result
+    unpacked as (image, context); explicit `latents` are (z, H/8, W/8). Every option is `edit_images`'s,
+    by name."""
+    out = edit_images(
+        model, None if image is None else [image], instruction, latents=_one(latents), **options
+    )
+    return out.images[0], out.contexts[0]
+
+
+def _one(latents: torch.Tensor | None) -> torch.Tensor | None:
+    """One image's latents (z, H/8, W/8) as a batch of one."""
+    return None if latents is None else latents.unsqueeze(0)
 
 
 def check_image_latents(model: BagelModel, latents: torch.Tensor) -> None:
@@ -287,31 +299,10 @@ def _append_once(contexts: list[Context], text: str) -> list[Context]:
     return [done[id(ctx)] for ctx in contexts]
 
 
-def edit_image(
-    model: BagelModel,
-    image: Image.Image | None,
-    instruction: str | None,
-    context: Context | None = None,
-    settings: FlowSettings = EDIT_SETTINGS,
-    seed: int | None = 0,
-    latents: torch.Tensor | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    callback: StepCallback | None = None,
-    append_result: bool = True,
-) -> tuple[Image.Image, Context]:
-    """Edit `image`, or with `image=None` the context's latest image (see `edit_images`); explicit
-    `latents` are (z, H/8, W/8)."""
-    out = edit_images(
-        model, None if image is None else [image], instruction, context, settings, seed, height, width, 1,
-        callback, append_result, None if latents is None else latents.unsqueeze(0),
-    )  # fmt: skip
-    return out.images[0], out.contexts[0]
-
-
 def generate_sequences(
     model: BagelModel,
     prompts: list[str],
+    *,
     context: Context | None = None,
     image: Image.Image | None = None,
     height: int | None = None,
@@ -343,27 +334,9 @@ def generate_sequences(
     contexts, frames = [ctx] * batch_size, [[] for _ in range(batch_size)]
     for k, prompt in enumerate(prompts):
         contexts = _append_once(contexts, prompt)
-        frame_seed = None if seed is None else seed + k
-        out = render(model, contexts, h, w, settings, frame_seed, None, callback, append_result=True)
+        request = ImageRequest(h, w, settings, None if seed is None else seed + k)
+        out = render(model, contexts, request, callback=callback)
         for item, frame in zip(frames, out.images, strict=True):
             item.append(frame)
         contexts = out.contexts
     return frames, contexts
-
-
-def generate_sequence(
-    model: BagelModel,
-    prompts: list[str],
-    context: Context | None = None,
-    image: Image.Image | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    settings: FlowSettings = EDIT_SETTINGS,
-    seed: int | None = 0,
-    callback: StepCallback | None = None,
-) -> tuple[list[Image.Image], Context]:
-    """One image sequence (see `generate_sequences`)."""
-    frames, contexts = generate_sequences(
-        model, prompts, context, image, height, width, settings, seed, 1, callback
-    )
-    return frames[0], contexts[0]

@@ -46,7 +46,7 @@ def main() -> None:
     image, _ = tasks.generate_image(model, PICTURE, settings=flow_settings(T2I_SETTINGS, steps=12))
     question = "describe the image."
     runs = {
-        "understand": lambda callback: tasks.understand(model, question, image, callback=callback),
+        "understand": lambda callback: tasks.understand(model, question, image=image, callback=callback),
         "think": lambda callback: tasks.think(model, PLAN, callback=callback),
     }
     totals = {(task, mode): [0, 0.0] for task in runs for mode in ("plain", "stream")}

@@ -157,8 +157,8 @@ class BAGELEdit:
                 raise ValueError(f"latent: {e}: Upscale Latent to a size this model takes") from None
             images = [bagel.decode_latent(z) for z in known]
         out = edit_images(
-            bagel, images, instruction, context, settings, seed, batch_size=batch_size,
-            callback=Progress(preview=previewer(bagel)), image_latents=known,
+            bagel, images, instruction, context=context, image_latents=known, settings=settings, seed=seed,
+            batch_size=batch_size, callback=Progress(preview=previewer(bagel)),
         )  # fmt: skip
         ctx = out.contexts[0]
         return with_ui((to_image(out.images), ctx, to_latent(bagel, out.latents)), ctx)

@@ -135,3 +135,18 @@ def with_window(model: BagelModel, positions: int) -> BagelModel:
 def windowed() -> Callable[[BagelModel, int], BagelModel]:
     """`with_window` as a fixture (test files cannot import this conftest by name: tests/comfyui has one)."""
     return with_window
+
+
+@pytest.fixture
+def count_passes(tiny_model):
+    """Count decoder passes (calls of model.net.forward, recording each query's length) from now on."""
+    net, calls = tiny_model.net, []
+    original = net.forward
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    net.forward = counting  # an instance attribute shadows the method until deleted
+    yield calls
+    del net.forward

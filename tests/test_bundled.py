@@ -14,7 +14,7 @@ import pytest
 import bagel_model
 from bagel_model import tasks
 from bagel_model.bundled import BUNDLED_DIR, default_model_dir
-from bagel_model.checkpoint import read_config
+from bagel_model.layout import read_config
 from bagel_model.shapes import (
     Obj,
     Scene,

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import bagel_model
 from bagel_model import CheckpointError
-from bagel_model.checkpoint import LATENT_TABLE, OFFICIAL_FILES, VIT_TABLE, read_config
 from bagel_model.config import BAGEL_7B_MOT
 from bagel_model.layers.embeddings import sincos_2d_table
+from bagel_model.layout import LATENT_TABLE, OFFICIAL_FILES, VIT_TABLE, read_config
 from bagel_model.model import Bagel
 from bagel_model.tokenizer import MARKERS, BagelTokenizer, MarkerIds, TokenizerError
 

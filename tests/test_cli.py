@@ -296,7 +296,7 @@ def test_sequence(capsys, tmp_path, tiny_dir, tiny_model, picture_file, pixels):
     )
     with Image.open(picture_file) as im:
         settings = replace(EDIT_SETTINGS, num_steps=3)
-        frames, _ = tasks.generate_sequence(
+        (frames,), _ = tasks.generate_sequences(
             tiny_model, ["move left"] * 2, image=im.convert("RGB"), settings=settings, seed=4
         )
     for a, b, want in zip(out["images"], listed["images"], frames, strict=True):

@@ -129,7 +129,7 @@ def test_appending_equals_one_prefill(tiny_model, chain, reference_parts):
     assert cached.std() > 0.01
 
 
-def test_velocity_equals_one_prefill(tiny_model, chain, reference_parts):
+def test_velocity_equals_one_prefill(tiny_model, chain, reference_parts, count_passes):
     """A denoising evaluation (engine.denoise, one step, no CFG) against the cached context equals the noisy
     image at the end of one prefill."""
     model, cfg = tiny_model, tiny_model.config
@@ -137,8 +137,8 @@ def test_velocity_equals_one_prefill(tiny_model, chain, reference_parts):
     noise = torch.randn(h * w, cfg.patch_latent_dim, generator=torch.Generator().manual_seed(0))
     # num_steps=2 evaluates t = 1 once with dt = 1, so x_out = noise - v
     settings = FlowSettings(num_steps=2, cfg_text_scale=1.0)
-    x, passes = denoise(model, chain, 32, 32, settings, noise)
-    assert passes == 1
+    x = denoise(model, [chain], 32, 32, settings, noise[None])[0]
+    assert len(count_passes) == 1
     v_cached = noise - x
     with torch.no_grad():
         inner = model.net.embed_latents(

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 import bagel_model
 from bagel_model import CheckpointError, cli
 from bagel_model.bundled import default_model_dir
-from bagel_model.checkpoint import LATENT_TABLE, METADATA_KEY, SIDECAR_SUFFIX, VIT_TABLE, read_config
 from bagel_model.config import BAGEL_7B_MOT
+from bagel_model.layout import LATENT_TABLE, METADATA_KEY, SIDECAR_SUFFIX, VIT_TABLE, read_config
 from bagel_model.tokenizer import MARKERS, BagelTokenizer
 
 BUNDLED = default_model_dir()

@@ -1,11 +1,11 @@
 """LoRA adapters: read in PEFT format (and the module layouts BAGEL trainers save), merged by the library,
 the CLI (`--lora`) and the BAGEL LoRA node without ComfyUI, each giving the image of weights merged by
-hand in this file (pixels within 1). A zero adapter or strength 0 gives the base image; adapters that do
+hand (tests/helpers.py; pixels within 1). A zero adapter or strength 0 gives the base image; adapters that do
 not fit the model fail naming what does not fit.
 
 Every adapter here is written by the test: random factors for the bundled model's generation expert (what
 BAGEL trainers adapt by default), 5 sampling steps at its 48 px default size. `write_adapter` and
-`write_merged_model` also serve tests/comfyui/test_comfyui_lora.py.
+`write_merged_model` (tests/helpers.py) also serve tests/comfyui/test_comfyui_lora.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    ALPHA,
+    NODES,
+    PROMPT,
+    RANK,
+    SEED,
+    STEPS,
+    STRENGTH,
+    bridge,
+    gen_expert_factors,
+    images,
+    lib,
+    run,
+    write_adapter,
+    write_merged_model,
+)
 from safetensors.torch import load_file, save_file
-from test_nodes import NODES, bridge, images, lib, run
 
 import bagel_model
 from bagel_model import cli, lora
@@ -28,46 +43,7 @@ from bagel_model.bundled import default_model_dir
 from bagel_model.sampling import T2I_SETTINGS, flow_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a red circle at the top left, a blue square at the center"
-STEPS, SEED = 5, 1
-RANK, ALPHA, STRENGTH = 4, 8.0, 0.8
 Q = "language_model.model.layers.0.self_attn.q_proj_moe_gen"  # a (192, 192) linear of the bundled model
-
-
-def gen_expert_factors(seed: int = 0, size: float = 0.25) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Random (A, B) factors of rank RANK for every generation-expert linear layer of the bundled model,
-    keyed by the module's official name."""
-    weights = load_file(str(default_model_dir() / "ema.safetensors"))
-    g = torch.Generator().manual_seed(seed)
-    factors = {}
-    for key, w in weights.items():
-        if "_moe_gen" in key and w.ndim == 2:
-            a = torch.randn(RANK, w.shape[1], generator=g) * size
-            factors[key.removesuffix(".weight")] = (a, torch.randn(w.shape[0], RANK, generator=g) * size)
-    return factors
-
-
-def write_adapter(folder: Path, factors: dict, config: dict | None = None, prefix: str = "") -> Path:
-    """A PEFT adapter folder: `base_model.model.<prefix><module>.lora_A/B.weight` plus its config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for module, (a, b) in factors.items():
-        tensors[f"base_model.model.{prefix}{module}.lora_A.weight"] = a.clone()
-        tensors[f"base_model.model.{prefix}{module}.lora_B.weight"] = b.clone()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = config or {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def write_merged_model(folder: Path, factors: dict, scale: float) -> Path:
-    """The bundled model's folder with W + scale * B @ A written into its weights, merged here by hand."""
-    shutil.copytree(default_model_dir(), folder)
-    weights = load_file(str(folder / "ema.safetensors"))
-    for module, (a, b) in factors.items():
-        weights[f"{module}.weight"] = weights[f"{module}.weight"] + scale * (b @ a)
-    save_file(weights, str(folder / "ema.safetensors"))
-    return folder
 
 
 def draw(model: bagel_model.BagelModel):

@@ -25,58 +25,10 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import FAST, NODES, PACK, ROOT, bridge, defaults, hub, images, lib, loader, pack, run, tiny
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "comfyui_bagel_mot"
-FAST = {"steps": 3, "max_new_tokens": 8}  # overrides for speed, applied where a node has the input
-
-
-def _import_pack() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pack = _import_pack()
-lib = pack.bagel_model
-bridge = importlib.import_module(f"{PACK}.nodes.comfy_bridge")
-images = importlib.import_module(f"{PACK}.nodes.images")
-loader = importlib.import_module(f"{PACK}.nodes.loader")
-tiny = importlib.import_module(f"{PACK}.bagel_model.tiny")
-NODES = pack.NODE_CLASS_MAPPINGS
 SOCKETS = {"BAGEL_MODEL", "BAGEL_CONTEXT", "IMAGE", "LATENT"}
-
-
-def defaults(node_id: str) -> dict:
-    """What a freshly placed node sends: every required widget at its default."""
-    required = NODES[node_id].INPUT_TYPES()["required"]
-    values = {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
-    values.update({k: v for k, v in FAST.items() if k in required})
-    return values
-
-
-def run(node_id: str, **inputs):
-    """Call a node as ComfyUI's executor does: an instance, its FUNCTION, inputs as keywords."""
-    cls = NODES[node_id]
-    out = getattr(cls(), cls.FUNCTION)(**{**defaults(node_id), **inputs})
-    result = out["result"] if isinstance(out, dict) else out
-    assert len(result) == len(cls.RETURN_TYPES)
-    for value, kind in zip(result, cls.RETURN_TYPES, strict=True):
-        if kind == "IMAGE":
-            assert value.dtype == torch.float32 and value.ndim == 4 and value.shape[-1] == 3
-            assert 0.0 <= value.min() and value.max() <= 1.0
-        elif kind == "STRING":
-            assert isinstance(value, str)
-        elif kind == "BAGEL_CONTEXT":
-            assert isinstance(value, lib.Context)
-        elif kind == "LATENT":
-            assert value["samples"].dtype == torch.float32 and value["samples"].ndim == 4
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +281,7 @@ def test_size_not_a_multiple_of_16_is_refused(model):
 
 
 def test_size_tooltips_name_each_models_limit_and_default():
-    config = importlib.import_module(f"{PACK}.bagel_model.checkpoint").read_config(
+    config = importlib.import_module(f"{PACK}.bagel_model.layout").read_config(
         lib.bundled.default_model_dir()
     )
     for side in ("width", "height"):
@@ -427,7 +379,7 @@ def test_loader_loads_a_model_folder_and_never_downloads_one_that_is_there(tmp_p
     (managed,) = run("BAGELLoader", model_name="tiny", dtype="float32")
     assert managed.model.source == tmp_path / "tiny" and managed.model.dtype == torch.float32
     tiny.make_tiny(tmp_path / "o--tiny", seed=1)
-    monkeypatch.setattr(loader, "fetch", no_fetch)
+    monkeypatch.setattr(hub, "fetch", no_fetch)
     (managed,) = run(
         "BAGELLoader", model_name=lib.bundled.DEFAULT_NAME, download_if_missing=True, repo_id="o/tiny"
     )
@@ -506,7 +458,7 @@ def load_downloading(repo_id: str):
 def test_download_from_a_server_that_never_answers_ends_with_the_way_out(models_dir, silent_hub, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
-    with pytest.raises(loader.DownloadError) as failed:
+    with pytest.raises(hub.DownloadError) as failed:
         within(120, lambda: load_downloading("someone/BAGEL-x"))
     message = str(failed.value)
     assert "did not answer within 1 s" in message
@@ -516,7 +468,7 @@ def test_download_from_a_server_that_never_answers_ends_with_the_way_out(models_
 def test_download_while_hugging_face_is_switched_off_says_so(models_dir, silent_hub, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(loader.DownloadError, match="HF_HUB_OFFLINE is set.*turn download_if_missing off"):
+    with pytest.raises(hub.DownloadError, match="HF_HUB_OFFLINE is set.*turn download_if_missing off"):
         within(120, lambda: load_downloading("someone/BAGEL-x"))
 
 
@@ -529,7 +481,7 @@ def test_download_stops_at_once_when_comfyui_cancels(models_dir, silent_hub, mon
         children.append(start_child(*args, **kwargs))
         return children[-1]
 
-    monkeypatch.setattr(loader.subprocess, "Popen", popen)
+    monkeypatch.setattr(hub.subprocess, "Popen", popen)
     modules, _ = fake_comfy(interrupt_at=3)  # Cancel at the third check, after about half a second
     start = time.monotonic()
     with mock.patch.dict(sys.modules, modules), pytest.raises(Interrupted):
@@ -551,7 +503,7 @@ def test_download_fetches_a_truncated_file_again(models_dir, tmp_path, monkeypat
         fetched.append((repo_id, target, (target / damaged).exists()))
         shutil.copy(good / damaged, target / damaged)
 
-    monkeypatch.setattr(loader, "fetch", fetch)
+    monkeypatch.setattr(hub, "fetch", fetch)
     (managed,) = load_downloading("o/tiny")
     assert fetched == [("o/tiny", folder, False)]  # the damaged file was removed, so the hub fetches it anew
     assert managed.model.source == folder
@@ -564,7 +516,7 @@ def test_download_folder_is_unique_per_repo_id(models_dir, monkeypatch):
         fetched.append(repo_id)
         tiny.make_tiny(target, seed=len(fetched))
 
-    monkeypatch.setattr(loader, "fetch", fetch)
+    monkeypatch.setattr(hub, "fetch", fetch)
     (a,), (b,) = load_downloading("a/x"), load_downloading("b/x")
     assert fetched == ["a/x", "b/x"]
     assert (a.model.source, b.model.source) == (models_dir / "a--x", models_dir / "b--x")
@@ -573,10 +525,10 @@ def test_download_folder_is_unique_per_repo_id(models_dir, monkeypatch):
 
 
 def test_download_refuses_a_repo_id_that_is_not_one(models_dir, monkeypatch):
-    monkeypatch.setattr(loader, "fetch", no_fetch)
+    monkeypatch.setattr(hub, "fetch", no_fetch)
     for bad in ("../../etc", "a/b/c", "a--b/c", "", "a/.."):
         with pytest.raises(
-            loader.DownloadError, match="not a Hugging Face repository id: write it as owner/name"
+            hub.DownloadError, match="not a Hugging Face repository id: write it as owner/name"
         ):
             load_downloading(bad)
 
@@ -595,7 +547,7 @@ def test_comfyui_names_our_errors_by_class_only():
         for value in vars(module).values()
         if isinstance(value, type) and issubclass(value, Exception) and value.__module__ in (name, "builtins")
     }
-    assert {lib.lora.LoraError, lib.ContextError, lib.CheckpointError, loader.DownloadError} <= ours
+    assert {lib.lora.LoraError, lib.ContextError, lib.CheckpointError, hub.DownloadError} <= ours
     assert sorted(comfy_type_name(cls) for cls in ours) == sorted(cls.__qualname__ for cls in ours)
 
 
@@ -1182,7 +1134,7 @@ def test_download_of_a_fine_tune_without_an_autoencoder(comfy_models, monkeypatc
         if not (target / "model_bf16.safetensors").exists():
             shutil.copy(bundled / "ema.safetensors", target / "model_bf16.safetensors")
 
-    monkeypatch.setattr(loader, "fetch", fetch)
+    monkeypatch.setattr(hub, "fetch", fetch)
     (managed,) = load_downloading("someone/Bagel-Zebra-CoT")
     folder = comfy_models["bagel"] / "someone--Bagel-Zebra-CoT"
     assert managed.model.source == folder and fetched == [[]]

@@ -8,8 +8,8 @@ import torch
 
 import bagel_model
 from bagel_model import tasks
-from bagel_model.checkpoint import CheckpointError
 from bagel_model.config import BAGEL_7B_MOT
+from bagel_model.layout import CheckpointError
 from bagel_model.model import Bagel
 from bagel_model.quant import BnbLinear, Fp8Linear, quantize_linears
 from bagel_model.sampling import FlowSettings

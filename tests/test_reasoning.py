@@ -12,7 +12,7 @@ import pytest
 
 from bagel_model import reasoning, tasks
 from bagel_model.context import Context
-from bagel_model.engine import STOP_BUDGET, STOP_END, STOP_WINDOW, Answer
+from bagel_model.engine import STOP_BUDGET, STOP_END, STOP_WINDOW, Answer, ImageRequest
 from bagel_model.sampling import FlowSettings
 
 QUESTION = "where is the red circle after it moves right twice?"
@@ -68,7 +68,8 @@ def test_the_drawn_image_is_the_one_the_context_would_draw(tiny_model, picture, 
     ctx = Context.empty(tiny_model).append_system_prompt(reasoning.THINKMORPH_SYSTEM_PROMPT)
     ctx = ctx.append_image(picture).append_text(QUESTION).append_thought("<image_start>")
     h, w = ctx.image_size
-    expected = tasks.render(tiny_model, [ctx], h, w, FAST, 1, None, None, append_result=False).images[0]
+    request = ImageRequest(h, w, FAST, seed=1)
+    expected = tasks.render(tiny_model, [ctx], request, append_result=False).images[0]
     assert (pixels(out.images[0]) == pixels(expected)).all()
 
 

@@ -40,7 +40,8 @@ def _kinds(history: History) -> list[str]:
 
 
 def _noise(model, n=16, seed=0):
-    return torch.randn(n, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
+    """Start noise (1, n, c) of one image, as `engine.denoise` takes it."""
+    return torch.randn(1, n, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +52,6 @@ def t2i_ctx(tiny_model):
 @pytest.fixture(scope="module")
 def edit_ctx(tiny_model, picture):
     return Context.empty(tiny_model).append_image(picture).append_text(E)
-
-
-@pytest.fixture
-def count_passes(tiny_model):
-    """Count decoder passes (calls of model.net.forward, recording each query's length) from now on."""
-    net, calls = tiny_model.net, []
-    original = net.forward
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return original(*args, **kwargs)
-
-    net.forward = counting  # an instance attribute shadows the method until deleted
-    yield calls
-    del net.forward
 
 
 # -- the sampler's passes -----------------------------------------------------------------------------
@@ -97,9 +83,9 @@ def six(**kwargs) -> FlowSettings:
 def test_denoise_pass_count(tiny_model, t2i_ctx, edit_ctx, count_passes, which, settings, expected, batch):
     ctx = t2i_ctx if which == "t2i" else edit_ctx
     settings = replace(settings, batch_cfg=batch)
-    _, passes = engine.denoise(tiny_model, ctx, 64, 64, settings, _noise(tiny_model))
-    assert passes == expected  # branch passes: the work, batched or not
-    assert sum(count_passes) == expected * (16 + 2)  # every pass is the image query, nothing else runs
+    engine.denoise(tiny_model, [ctx], 64, 64, settings, _noise(tiny_model))
+    # branch passes, the work, batched or not: each is the image query, and nothing else runs
+    assert sum(count_passes) == expected * (16 + 2)
     if batch:
         assert len(count_passes) == settings.num_steps - 1  # one forward per evaluated step
     else:
@@ -117,29 +103,30 @@ def test_generate_image_passes(tiny_model, count_passes):
 def test_step_cache_runs_the_network_on_every_kth_step(tiny_model, t2i_ctx, count_passes, k, evaluated_steps):
     """Steps 0 and 1 seed the extrapolation; afterwards only multiples of k run the network (5 steps)."""
     settings = six(cfg_text_scale=1.0, step_cache=k)
-    _, passes = engine.denoise(tiny_model, t2i_ctx, 64, 64, settings, _noise(tiny_model))
-    assert passes == len(count_passes) == len(evaluated_steps)
+    engine.denoise(tiny_model, [t2i_ctx], 64, 64, settings, _noise(tiny_model))
+    assert len(count_passes) == len(evaluated_steps)
 
 
-def test_step_cache_stays_close_to_the_full_sampler(tiny_model, edit_ctx):
+def test_step_cache_stays_close_to_the_full_sampler(tiny_model, edit_ctx, count_passes):
     noise = _noise(tiny_model, seed=2)
     settings = FlowSettings(num_steps=12, cfg_img_scale=2.0)
-    full, full_passes = engine.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
-    cached, cached_passes = engine.denoise(
-        tiny_model, edit_ctx, 64, 64, FlowSettings(**{**vars(settings), "step_cache": 2}), noise
-    )
+    full = engine.denoise(tiny_model, [edit_ctx], 64, 64, settings, noise)
+    full_passes = sum(count_passes)
+    cached = engine.denoise(tiny_model, [edit_ctx], 64, 64, replace(settings, step_cache=2), noise)
+    cached_passes = sum(count_passes) - full_passes
     assert cached_passes <= 0.66 * full_passes  # 7 of 11 steps evaluated
     error = float((cached - full).norm() / full.norm())
     assert 0 < error < 0.1, error
 
 
 def _plain_denoise(model, ctx, height, width, settings, noise):
-    """Every branch at every step, each on its own history, then the official combination."""
+    """Every branch at every step, each on its own history, then the official combination (one image:
+    noise (1, n, c))."""
     h, w = height // 16, width // 16
     m = model.tokenizer.markers
     start, end = model.net.embed_text(torch.tensor([m.start_of_image, m.end_of_image])).split(1)
     is_gen = torch.tensor([False] + [True] * (h * w) + [False])
-    x = noise.clone()
+    x = noise[0].clone()
     times, steps = schedule(settings.num_steps, settings.timestep_shift)
     for t, dt in zip(times, steps, strict=True):
         pos = flattened_position_ids(h, w, model.config.max_latent_size)
@@ -173,15 +160,15 @@ def _plain_denoise(model, ctx, height, width, settings, noise):
 def test_denoise_equals_plain_loop(tiny_model, edit_ctx, renorm, batch):
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0, renorm_type=renorm, batch_cfg=batch)
     noise = _noise(tiny_model, seed=1)
-    fast, _ = engine.denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
+    fast = engine.denoise(tiny_model, [edit_ctx], 64, 64, settings, noise)
     plain = _plain_denoise(tiny_model, edit_ctx, 64, 64, settings, noise)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[0], plain, atol=1e-5, rtol=1e-5)
     # the guidance acts: without it the result differs
-    unguided, _ = engine.denoise(tiny_model, edit_ctx, 64, 64, six(cfg_text_scale=1.0), noise)
+    unguided = engine.denoise(tiny_model, [edit_ctx], 64, 64, six(cfg_text_scale=1.0), noise)
     assert (fast - unguided).abs().max() > 1e-3
 
 
-def test_reused_image_branch_equals_recomputed(tiny_model, t2i_ctx):
+def test_reused_image_branch_equals_recomputed(tiny_model, t2i_ctx, count_passes):
     """T2I image CFG: uncond_img is cond, so its pass is reused; on an equal but distinct history (a fresh
     prefill of the same prompt) it is recomputed, with the same result."""
     assert t2i_ctx.uncond_img is t2i_ctx.cond
@@ -190,21 +177,28 @@ def test_reused_image_branch_equals_recomputed(tiny_model, t2i_ctx):
     forced = Context(tiny_model, t2i_ctx.cond, t2i_ctx.uncond_text, twin)
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0)
     noise = _noise(tiny_model, seed=2)
-    reused, n_reused = engine.denoise(tiny_model, t2i_ctx, 64, 64, settings, noise)
-    recomputed, n_recomputed = engine.denoise(tiny_model, forced, 64, 64, settings, noise)
-    assert (n_reused, n_recomputed) == (5 + 3, 5 + 2 * 3)
+    reused = engine.denoise(tiny_model, [t2i_ctx], 64, 64, settings, noise)
+    n_reused = sum(count_passes) // (16 + 2)
+    recomputed = engine.denoise(tiny_model, [forced], 64, 64, settings, noise)
+    assert (n_reused, sum(count_passes) // (16 + 2) - n_reused) == (5 + 3, 5 + 2 * 3)
     torch.testing.assert_close(reused, recomputed, atol=1e-6, rtol=1e-6)
 
 
 def test_denoise_callback_reports_each_step(tiny_model, t2i_ctx):
     seen = []
-    x, _ = engine.denoise(
-        tiny_model, t2i_ctx, 64, 64, T2I, _noise(tiny_model), callback=lambda i, n, p: seen.append((i, n, p))
+    x = engine.denoise(
+        tiny_model,
+        [t2i_ctx],
+        64,
+        64,
+        T2I,
+        _noise(tiny_model),
+        callback=lambda i, n, p: seen.append((i, n, p)),
     )
     assert [(i, n) for i, n, _ in seen] == [(1, 2), (2, 2)]
     # the payload is each step's clean estimate x - t v as a latent: at the last step (t = dt) the result
     result = engine.latent_grids(tiny_model, x, 4, 4)
-    assert torch.equal(seen[-1][2], result) and result.shape == (tiny_model.config.latent_channels, 8, 8)
+    assert torch.equal(seen[-1][2], result) and result.shape == (1, tiny_model.config.latent_channels, 8, 8)
     assert (seen[0][2] - result).abs().max() > 1e-3  # the first estimate is a guess, not the result
 
 
@@ -384,7 +378,7 @@ def test_edit_errors(tiny_model, picture):
 
 def test_generate_sequence(tiny_model, pixels):
     prompts = ["the red circle moves right", "the red circle moves down"]
-    frames, ctx = tasks.generate_sequence(tiny_model, prompts, settings=EDIT, seed=5)
+    (frames,), (ctx,) = tasks.generate_sequences(tiny_model, prompts, settings=EDIT, seed=5)
     assert [f.size for f in frames] == [(64, 64), (64, 64)]
     assert _kinds(ctx.cond) == ["text", "vae", "vit"] * 2
     assert [s.text for s in ctx.cond.segments if s.kind == "text"] == prompts
@@ -396,15 +390,15 @@ def test_generate_sequence(tiny_model, pixels):
 
 
 def test_generate_sequence_from_image(tiny_model, picture):
-    frames, ctx = tasks.generate_sequence(
+    (frames,), (ctx,) = tasks.generate_sequences(
         tiny_model, ["the red circle moves right"], image=picture.resize((100, 70)), settings=EDIT
     )
     assert frames[0].size == (96, 64)
     assert _kinds(ctx.cond) == ["vae", "vit", "text", "vae", "vit"]
     with pytest.raises(ValueError, match="at least one prompt"):
-        tasks.generate_sequence(tiny_model, [], settings=EDIT)
+        tasks.generate_sequences(tiny_model, [], settings=EDIT)
     with pytest.raises(ValueError, match="the prompt is empty"):
-        tasks.generate_sequence(tiny_model, [" ", "x"], settings=EDIT)
+        tasks.generate_sequences(tiny_model, [" ", "x"], settings=EDIT)
 
 
 @pytest.mark.parametrize(
@@ -414,10 +408,10 @@ def test_generate_sequence_from_image(tiny_model, picture):
 def test_a_sequence_takes_a_lone_height_or_width(tiny_model, picture, height, width, from_text, from_image):
     # as generate_image and edit_image do: the other side is the model's default, or the context's image's
     prompts = ["the red circle moves right", "the red circle moves down"]
-    frames, _ = tasks.generate_sequence(tiny_model, prompts, height=height, width=width, settings=EDIT)
+    (frames,), _ = tasks.generate_sequences(tiny_model, prompts, height=height, width=width, settings=EDIT)
     assert [f.size for f in frames] == [from_text] * 2
     image = picture.resize((100, 70))  # 96x64 after the official resize
-    frames, _ = tasks.generate_sequence(
+    (frames,), _ = tasks.generate_sequences(
         tiny_model, prompts, image=image, height=height, width=width, settings=EDIT
     )
     assert [f.size for f in frames] == [from_image] * 2
@@ -459,7 +453,7 @@ def test_empty_inputs(tiny_model):
         (lambda m: tasks.understand(m, "a\ud800b", settings=SHORT), "the question"),
         (lambda m: tasks.think(m, "a\ud800b", settings=SHORT), "the instruction"),
         (lambda m: tasks.generate_image(m, "a\ud800b", settings=T2I), "the prompt"),
-        (lambda m: tasks.generate_sequence(m, ["x", "a\ud800b"], settings=EDIT), "the prompt"),
+        (lambda m: tasks.generate_sequences(m, ["x", "a\ud800b"], settings=EDIT), "the prompt"),
         (lambda m: Context.empty(m).append_text("a\ud800b"), "the text"),
     ],
 )
@@ -635,7 +629,9 @@ def test_a_batch_of_sequences_equals_one_by_one(tiny_model, picture, pixels):
         tiny_model, prompts, image=picture, settings=EDIT, seed=5, batch_size=2
     )
     for b in range(2):
-        alone, ctx = tasks.generate_sequence(tiny_model, prompts, image=picture, settings=EDIT, seed=5 + b)
+        (alone,), (ctx,) = tasks.generate_sequences(
+            tiny_model, prompts, image=picture, settings=EDIT, seed=5 + b
+        )
         for got, want in zip(frames[b], alone, strict=True):
             assert np.abs(pixels(got) - pixels(want)).max() <= 1
         assert contexts[b].tokens == ctx.tokens
@@ -648,7 +644,7 @@ def test_an_edit_or_sequence_after_an_image_for_understanding_only_asks_for_the_
     with pytest.raises(ContextError, match="understanding only.*connect the image to the edit"):
         tasks.edit_image(tiny_model, None, "make the circle green", context=ctx)
     with pytest.raises(ContextError, match="understanding only.*sequence's image input"):
-        tasks.generate_sequence(tiny_model, ["move left"], context=ctx)
+        tasks.generate_sequences(tiny_model, ["move left"], context=ctx)
     tasks.edit_image(tiny_model, picture, "make the circle green", context=ctx, settings=EDIT)
     drawn = Context.empty(tiny_model).append_image(picture)  # vae + vit: the chain continues from it
     assert drawn.latest_image_drawable and not ctx.latest_image_drawable

@@ -231,7 +231,7 @@ def think_plan(rng: random.Random, s: PlanSettings) -> Plan:
 def _sequence(
     task: str, frames: list[Scene], prompts: list[str], rng: random.Random, s: PlanSettings
 ) -> Plan:
-    """`generate_sequence`: the first image (drawn from its caption in `caption_p` of the plans), then per
+    """`generate_sequences`: the first image (drawn from its caption in `caption_p` of the plans), then per
     step the prompt, the target, and its clean copy."""
     first = _drawn(frames[0], rng, s) if rng.random() < s.caption_p else _picture(frames[0])
     items: list[Item] = list(first)

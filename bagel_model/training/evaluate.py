@@ -46,7 +46,7 @@ from ..shapes import (
     sample_world,
     view,
 )
-from ..tasks import TextSettings, edit_image, generate_image, generate_sequence, think, understand
+from ..tasks import TextSettings, edit_image, generate_image, generate_sequences, think, understand
 
 EDITS = {f"edit_{kind}": kind for kind in EDIT_KINDS}  # one capability per edit kind
 CAPABILITIES = ("understand", "t2i_1", "t2i_23", *EDITS, "indirect", "think", "motion", "navigate")
@@ -145,7 +145,7 @@ def _motion(model, rng, i, t2i, edit):
     while (m := sample_motion(sample_scene(rng), rng)) is None:
         pass
     steps = min(2, len(m.frames) - 1)
-    frames, _ = generate_sequence(
+    (frames,), _ = generate_sequences(
         model, [m.instruction] * steps, image=_picture(model, m.frames[0]), settings=edit, seed=i
     )
     return sum(read_scene(f) == want for f, want in zip(frames, m.frames[1 : steps + 1], strict=True)), steps
@@ -158,7 +158,7 @@ def _navigate(model, rng, i, t2i, edit):
     for _ in range(3):
         moves.append(rng.choice(legal_moves(window)))
         window = move_window(window, moves[-1])
-    frames, _ = generate_sequence(model, moves, image=_picture(model, start), settings=edit, seed=i)
+    (frames,), _ = generate_sequences(model, moves, image=_picture(model, start), settings=edit, seed=i)
     before, right = start, 0
     for frame, move in zip(frames, moves, strict=True):
         after = read_scene(frame)

@@ -42,6 +42,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / "example_workflows" / "api"
 PACK_DIR_NAME = "comfyui-bagel-mot"
 BOOT_SECONDS = 180
 PROGRESS_TEXT = 3  # ComfyUI's BinaryEventTypes.TEXT (protocol.py): a node's progress text
@@ -57,6 +58,11 @@ sys.modules["bagel_pack"] = module
 spec.loader.exec_module(module)
 lib = module.bagel_model
 """
+
+
+def workflow(name: str) -> dict:
+    """The example workflow `name` in API format (example_workflows/api), as a prompt to queue."""
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
 
 
 def in_ci() -> bool:

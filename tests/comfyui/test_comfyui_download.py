@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-WORKFLOWS = HERE.parents[1] / "example_workflows" / "api"
 TIMEOUT = 20  # HF_HUB_ETAG_TIMEOUT of this server: how long a download waits for an answer
 REPO = "someone/BAGEL-never"
 
@@ -94,13 +93,9 @@ def online_server(silent_endpoint, tmp_path_factory):
             process.kill()
 
 
-def workflow() -> dict:
-    return json.loads((WORKFLOWS / "text_to_image.json").read_text())
-
-
 def downloading() -> tuple[dict, str]:
     """The text-to-image example with its Loader switched to download REPO; and the Loader's node id."""
-    prompt = workflow()
+    prompt = shared.workflow("text_to_image")
     (loader_id,) = [k for k, node in prompt.items() if node["class_type"] == "BAGELLoader"]
     prompt[loader_id]["inputs"].update(download_if_missing=True, repo_id=REPO)
     return prompt, loader_id
@@ -131,7 +126,7 @@ def test_silent_network_ends_the_run_with_the_way_out_and_the_queue_goes_on(onli
     assert "turn download_if_missing off" in message and REPO.replace("/", "--") in message, message
     assert run.seconds < 180
     print(f"never-answering download: clear error after {run.seconds:.1f} s (timeout {TIMEOUT} s)")
-    assert online_server.run(workflow()).status == "execution_success"
+    assert online_server.run(shared.workflow("text_to_image")).status == "execution_success"
 
 
 def test_cancel_stops_a_download_at_once_and_the_queue_goes_on(online_server):
@@ -151,4 +146,4 @@ def test_cancel_stops_a_download_at_once_and_the_queue_goes_on(online_server):
     if Path("/proc").is_dir():
         assert not fetch_processes(online_server)  # the download did not go on behind the queue
     print(f"cancelled download: run ended {latency:.2f} s after POST /interrupt")
-    assert online_server.run(workflow()).status == "execution_success"
+    assert online_server.run(shared.workflow("text_to_image")).status == "execution_success"

@@ -1,7 +1,7 @@
 """The BAGEL LoRA node inside a real ComfyUI: its adapter becomes ModelPatcher weight patches that apply
 when the model loads, stack, and come off again.
 
-One adapter (random factors for the bundled model's generation expert, written by tests/test_lora.py's
+One adapter (random factors for the bundled model's generation expert, written by tests/helpers.py's LoRA
 helpers) sits in the server's `models/loras`, and the bundled model with that adapter merged by hand sits
 in its `models/bagel`, so the Loader lists it. Strength 0 draws the base image, strength s the merged
 model's (pixels within 1), two LoRA nodes add up, bypassing the node gives the base image back right after
@@ -18,13 +18,13 @@ import copy
 import json
 from pathlib import Path
 
+import helpers as lora_test
 import numpy as np
 import pytest
-import test_lora as lora_test
+from conftest import workflow
 
 from bagel_model import bundled
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
 ADAPTER = "bagel_shapes_lora/adapter_model.safetensors"
 MERGED = "bagel-shapes-lora-merged"
 LORA = "4"  # the LoRA node's id in the prompts below (Loader 1, Text to Image 2, Save Image 3)
@@ -46,7 +46,7 @@ def models(server):
 
 def prompt(*strengths: float, model_name: str = bundled.DEFAULT_NAME) -> dict:
     """Loader -> one LoRA node per strength (chained) -> Text to Image -> Save Image."""
-    nodes = json.loads((WORKFLOWS / "text_to_image.json").read_text())
+    nodes = workflow("text_to_image")
     nodes["1"]["inputs"]["model_name"] = model_name
     nodes["2"]["inputs"].update(prompt=lora_test.PROMPT, seed=lora_test.SEED, steps=lora_test.STEPS)
     upstream = ["1", 0]
@@ -107,7 +107,7 @@ def test_lora_patches_apply_stack_and_come_off_when_bypassed(models):
 def test_context_of_the_base_model_is_refused_by_the_lora_model(models):
     nodes = prompt()  # Loader -> Text to Image (base) -> its context into an Edit with the LoRA'd model
     nodes[LORA] = prompt(1.0)[LORA]
-    edit = json.loads((WORKFLOWS / "edit_chain.json").read_text())["3"]
+    edit = workflow("edit_chain")["3"]
     edit["inputs"].update(model=[LORA, 0], context=["2", 1], steps=2)
     nodes["5"] = edit
     nodes["3"]["inputs"]["images"] = ["5", 0]

@@ -10,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
-from test_comfyui_server import workflow
+from conftest import ROOT, workflow
 
 
 def test_each_denoising_step_sends_a_preview(server):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
+from conftest import WORKFLOWS, workflow
 from PIL import ImageChops
 
 from bagel_model import BagelModel, bundled
-from bagel_model.checkpoint import read_config
+from bagel_model.layout import read_config
 from bagel_model.shapes import (
     CELLS,
     COLORS,
@@ -30,7 +30,6 @@ from bagel_model.shapes import (
     read_scene,
 )
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
 NODE_IDS = {
     "BAGELLoader",
     "BAGELUnderstand",
@@ -81,10 +80,6 @@ SCENES = {
 # Not graded: multi_reference ("put the red circle from the first image into the second") and
 # visual_reasoning (pictures inside a zebra-cot transcript) ask for what the shapes world never trains;
 # they show the wiring. navigation is graded below by the world's rule for views.
-
-
-def workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text())
 
 
 def default_size() -> tuple[int, int]:
