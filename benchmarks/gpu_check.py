@@ -52,6 +52,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -576,7 +577,8 @@ class Pack:
         if self.comfyui is None:
             return f"library: Bagel.place(kv_storage=cpu), as the bridge sets it (no ComfyUI: {self.why_not})"
         version = self.comfyui / "comfyui_version.py"
-        release = version.read_text().split('"')[1] if version.is_file() else "of unknown version"
+        found = re.search(r'__version__ = "([^"]+)"', version.read_text()) if version.is_file() else None
+        release = found[1] if found else "of unknown version"
         return f"ComfyUI {release} ModelPatcher through comfy_bridge.manage ({self.comfyui})"
 
 
@@ -585,10 +587,7 @@ def import_comfyui(folder: str | None, device: torch.device) -> tuple[Path | Non
     `args` say it), or None and why not. A tree that fails to import is taken off the path again with
     what it imported, so the bridge never sees half a ComfyUI."""
     if not folder:
-        return (
-            None,
-            "give --comfyui DIR, a ComfyUI tree (.ci/run unpacks the pinned one at .comfyui-ci/ComfyUI)",
-        )
+        return None, "give --comfyui DIR, a ComfyUI tree (.ci/run unpacks one at .comfyui-ci/ComfyUI)"
     root = Path(folder).resolve()
     if not (root / "comfy" / "model_patcher.py").is_file():
         return None, f"--comfyui {root} holds no comfy/model_patcher.py: give a ComfyUI tree"
@@ -599,11 +598,17 @@ def import_comfyui(folder: str | None, device: torch.device) -> tuple[Path | Non
             importlib.import_module(name)
     except Exception as e:  # noqa: BLE001 - a missing dependency or a torch without the device: say which
         sys.path.remove(str(root))
-        tops = {entry.stem for entry in root.iterdir()}
-        for name in [n for n in sys.modules if n.split(".")[0] in tops]:
+        for name in [n for n, module in sys.modules.items() if _imported_from(module, root)]:
             del sys.modules[name]
         return None, f"ComfyUI at {root} does not import here: {type(e).__name__}: {e}"
     return root, ""
+
+
+def _imported_from(module: ModuleType, root: Path) -> bool:
+    """Whether `module` was imported from `root` (a namespace package too: no file, search locations)."""
+    file, spec = getattr(module, "__file__", None), getattr(module, "__spec__", None)
+    places = [file] if file else list(getattr(spec, "submodule_search_locations", None) or [])
+    return any(Path(place).is_relative_to(root) for place in places)
 
 
 def import_pack(run: Run) -> Pack:
