@@ -18,6 +18,7 @@ from .checkpoint import _NoInitOnMeta, default_dtype, fill, save, tensor_shapes
 from .config import TINY_CONFIG, BagelConfig
 from .layers.attention import check_backend
 from .layers.embeddings import PositionTable, sincos_2d_table
+from .layers.ops import TORCH, Ops
 from .layers.vae import AutoEncoder
 from .model import Bagel, BagelModel
 from .quant import BNB_MODES, WEIGHT_MODES, bitsandbytes, quantize_linears
@@ -133,12 +134,14 @@ def random_model(
     weights: str = "native",
     attention: str = "auto",
     seed: int = 0,
+    ops: Ops = TORCH,
 ) -> BagelModel:
     """A model of `cfg` with seeded random weights made where they will live, with no checkpoint file:
     built on meta as `checkpoint.load` builds it, in the same weight modes and attention backends. A
     7B-shaped model takes seconds on a GPU this way, where writing and reading its 29 GB file takes
     minutes (benchmarks). The same seed, device and config give the same weights in every mode.
-    `tokenizer_folder` holds the tokenizer (`write_tokenizer`) and is the model's `source`."""
+    `tokenizer_folder` holds the tokenizer (`write_tokenizer`) and is the model's `source`; `ops` are the
+    layer classes, as `checkpoint.load` takes them (ComfyUI's casting layers for a ComfyUI-managed model)."""
     check_backend(attention)
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weight mode {weights!r} is unknown; choose one of {', '.join(WEIGHT_MODES)}")
@@ -148,7 +151,7 @@ def random_model(
     dtype = dtype or default_dtype(device)
     tokenizer = BagelTokenizer(Path(tokenizer_folder))
     with torch.device("meta"), _NoInitOnMeta():
-        net, vae = Bagel(cfg), AutoEncoder(cfg.vae)
+        net, vae = Bagel(cfg, ops), AutoEncoder(cfg.vae, ops)
     generator = torch.Generator(device).manual_seed(seed)
     _fill_random(net, generator, dtype, weights)
     _fill_random(vae, generator, torch.float32)

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py [--device cuda] [--preset bagel-7b-mot] [--size 1024] [--steps 50]
         [--tokens 64] [--dtype auto] [--only ROWS] [--out FILE.json] [--time-limit 420] [--official-dir DIR]
+        [--comfyui DIR]
 
 The model is built from the preset's config on meta and its random weights are drawn on the device
 (`bagel_model.tiny.random_model`), in seconds where writing and reading a 29 GB file would take minutes; a
@@ -19,6 +20,20 @@ Rows (`--only` takes a comma list of these names), each run on every task:
 - official: the official `InterleaveInferencer` text-to-image on the same weights and noise (--official-dir).
 A variant that is what the bf16 row already ran here says so instead of running again.
 
+Rows under ComfyUI's memory manager (issue #19), last, since importing ComfyUI changes global torch settings;
+they import the ComfyUI tree of --comfyui (default $COMFYUI_DIR, else the .comfyui-ci/ComfyUI that .ci/run
+unpacks) and this repository as ComfyUI imports a pack, and build the model as the Loader does (ComfyUI's
+casting layers, loaded on the offload device, `comfy_bridge.manage`):
+- comfyui-20gb, comfyui-12gb: text-to-image only, with ComfyUI's ModelPatcher loading the model into a
+  budget of that size (its reserved memory set, as --reserve-vram sets it, to what the device has free
+  beyond the budget), the rest cast in per forward from host RAM: load seconds, what ComfyUI loaded,
+  seconds per image and per step, peak memory;
+- edit-chain: example_workflows/api/edit_chain.json (Text to Image -> Edit -> Edit -> Edit) run 5 and then
+  20 times through the pack's nodes as separate prompts, every prompt's outputs kept as ComfyUI's output
+  cache keeps them (at most 4 steps: device memory does not depend on the step count): device memory
+  after each batch next to the K/V the kept contexts hold and where. Without ComfyUI it runs on the
+  library alone, with the K/V storage the bridge would set (`place(kv_storage=cpu)`), and says so.
+
 Tasks: understand (an image and a question, --tokens greedy), t2i at the notebook defaults (cfg_text 4,
 cfg_img 1, interval [0.4, 1], shift 3, global renorm), t2i at vLLM-Omni's cfg_img 1.5, and edit at the edit
 defaults, at --size and --steps. Each record has seconds (per image, per step or per token), decoder
@@ -32,15 +47,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import importlib.util
 import inspect
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from unittest import mock
 
 import numpy as np
@@ -79,8 +98,18 @@ ROWS = (
     "offload-20gb",
     "offload-12gb",
     "official",
+    "comfyui-20gb",
+    "comfyui-12gb",
+    "edit-chain",
 )
 OFFLOAD_BUDGETS = {"offload-20gb": 20, "offload-12gb": 12}
+COMFYUI_BUDGETS = {"comfyui-20gb": 20, "comfyui-12gb": 12}  # GiB that ComfyUI may load weights into
+CHAIN = REPO / "example_workflows" / "api" / "edit_chain.json"
+CHAIN_PROMPTS = (5, 20)  # prompts after which the edit-chain row records device memory
+CHAIN_STEPS = 4  # at most, per image of the chain: the memory it measures does not depend on steps
+PACK = "comfyui_bagel_mot"  # the package name this repository is imported under, as ComfyUI imports it
+# What the pack's bridge uses of ComfyUI for a Loader and the drawing nodes: all must import.
+COMFY_MODULES = ("comfy.model_management", "comfy.model_patcher", "comfy.ops", "comfy.utils", "comfy.lora")
 # Checkpoint throughput assumed before writing (and reading back) one, in GiB/s, so that a row reading a
 # checkpoint starts only when it can end in time: a conservative disk and a first read from it.
 CHECKPOINT_GIB_PER_S = 0.3
@@ -112,6 +141,8 @@ class Run:
     folder: Path | None = None  # the random model as a checkpoint folder, once a row needs one
     warm: bool = False  # whether a row has warmed up
     weights_gib: float = 0.0  # the bf16 model's size, once the bf16 row has measured it
+    pack: Pack | None = None  # this repository imported as a ComfyUI pack, once a ComfyUI row needs it
+    managed: object | None = None  # the pack's ManagedModel those rows share, once built
 
     @property
     def elapsed(self) -> float:
@@ -523,6 +554,279 @@ def official_row(run: Run) -> None:
     )
 
 
+# -- under ComfyUI's memory manager --------------------------------------------------------------------
+
+
+@dataclass
+class Pack:
+    """This repository imported as ComfyUI imports a custom-node pack (a package loaded from its folder's
+    path), with the ComfyUI tree its bridge runs under: `comfyui` is None, and `why_not` says why, when no
+    ComfyUI imports here (the bridge then falls back to plain torch, as outside ComfyUI)."""
+
+    module: ModuleType
+    comfyui: Path | None
+    why_not: str = ""
+
+    def sub(self, name: str) -> ModuleType:
+        """The pack's own module `name` ("nodes.comfy_bridge", "bagel_model.tiny"): its classes, not the
+        ones this script imported as `bagel_model`."""
+        return importlib.import_module(f"{PACK}.{name}")
+
+    @property
+    def managed_by(self) -> str:
+        if self.comfyui is None:
+            return f"library: Bagel.place(kv_storage=cpu), as the bridge sets it (no ComfyUI: {self.why_not})"
+        version = self.comfyui / "comfyui_version.py"
+        found = re.search(r'__version__ = "([^"]+)"', version.read_text()) if version.is_file() else None
+        release = found[1] if found else "of unknown version"
+        return f"ComfyUI {release} ModelPatcher through comfy_bridge.manage ({self.comfyui})"
+
+
+def import_comfyui(folder: str | None, device: torch.device) -> tuple[Path | None, str]:
+    """The ComfyUI tree at `folder` imported (on sys.path, --cpu set for a CPU run, as ComfyUI's own
+    `args` say it), or None and why not. A tree that fails to import is taken off the path again with
+    what it imported, so the bridge never sees half a ComfyUI."""
+    if not folder:
+        return None, "give --comfyui DIR, a ComfyUI tree (.ci/run unpacks one at .comfyui-ci/ComfyUI)"
+    root = Path(folder).resolve()
+    if not (root / "comfy" / "model_patcher.py").is_file():
+        return None, f"--comfyui {root} holds no comfy/model_patcher.py: give a ComfyUI tree"
+    sys.path.insert(0, str(root))
+    try:
+        importlib.import_module("comfy.cli_args").args.cpu = device.type == "cpu"
+        for name in COMFY_MODULES:
+            importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - a missing dependency or a torch without the device: say which
+        sys.path.remove(str(root))
+        for name in [n for n, module in sys.modules.items() if _imported_from(module, root)]:
+            del sys.modules[name]
+        return None, f"ComfyUI at {root} does not import here: {type(e).__name__}: {e}"
+    return root, ""
+
+
+def _imported_from(module: ModuleType, root: Path) -> bool:
+    """Whether `module` was imported from `root` (a namespace package too: no file, search locations)."""
+    file, spec = getattr(module, "__file__", None), getattr(module, "__spec__", None)
+    places = [file] if file else list(getattr(spec, "submodule_search_locations", None) or [])
+    return any(Path(place).is_relative_to(root) for place in places)
+
+
+def import_pack(run: Run) -> Pack:
+    """The pack under the ComfyUI of --comfyui (imported first, so that the bridge finds it), once."""
+    if run.pack is None:
+        comfyui, why_not = import_comfyui(run.args.comfyui, run.device)
+        spec = importlib.util.spec_from_file_location(
+            PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+        run.pack = Pack(module, comfyui, why_not)
+    return run.pack
+
+
+def managed_model(run: Run, row: str, pack: Pack):
+    """The pack's ManagedModel of the random weights (seed 0, the bf16 row's), built once, or None
+    (recorded) when no time is left to build it. Under ComfyUI it is built as the Loader builds a model:
+    from `comfy_bridge.layer_ops()`, on the offload device (drawn on the compute device, which is faster,
+    then moved), handed to `comfy_bridge.manage`. Without ComfyUI it stays on the device, its contexts'
+    K/V kept on the CPU as the bridge would place them."""
+    if run.managed is not None:
+        return run.managed
+    if not run.fits(run.build_seconds):
+        run.record(row, "all", status="skipped: time limit (no time left to build the model)")
+        return None
+    bridge, tiny = pack.sub("nodes.comfy_bridge"), pack.sub("bagel_model.tiny")
+    free(run)
+    start = time.perf_counter()
+    if pack.comfyui is None:
+        model = tiny.random_model(run.config, run.tokenizer_dir, run.device, run.dtype, seed=0)
+        model.place(run.device, kv_storage=torch.device("cpu"))
+        run.managed = bridge.ManagedModel(model)
+    else:
+        compute, offload = bridge.devices()
+        model = tiny.random_model(
+            run.config, run.tokenizer_dir, compute, run.dtype, seed=0, ops=bridge.layer_ops()
+        )
+        model.net.to(offload)
+        model.vae.to(offload)
+        free(run)
+        run.managed = bridge.manage(model, compute, offload)
+    _sync(run.device)
+    run.build_seconds = max(run.build_seconds, time.perf_counter() - start)
+    return run.managed
+
+
+def comfyui_rows(run: Run, rows: list[str]) -> None:
+    """The ComfyUI-managed rows, on one model: a budget changes what ComfyUI loads, not the weights."""
+    pack = import_pack(run)
+    for row in rows:
+        if row == "edit-chain":
+            guarded(run, row, lambda: edit_chain_row(run, pack))
+        elif run.device.type != "cuda":
+            run.record(row, "all", status="not available: a GPU memory budget needs --device cuda")
+        elif pack.comfyui is None:
+            run.record(row, "all", status=f"not available: {pack.why_not}")
+        else:
+            guarded(run, row, lambda row=row: budget_row(run, row, pack))
+    if pack.comfyui is not None:
+        importlib.import_module("comfy.model_management").unload_all_models()
+    run.managed = None
+
+
+def budget_row(run: Run, row: str, pack: Pack) -> None:
+    """Text-to-image with ComfyUI's ModelPatcher loading the model into COMFYUI_BUDGETS[row] GiB.
+
+    ComfyUI loads weights into what `get_free_memory` reports less its reserved memory
+    (`EXTRA_RESERVED_VRAM`, what --reserve-vram sets) and the inference memory it keeps free; reserving
+    all the device has free beyond the budget makes it plan as on a card of that size. Peak memory is the
+    image's (reset after the load) and still shows activations and K/V above ComfyUI's plan."""
+    mm = importlib.import_module("comfy.model_management")
+    lib = pack.sub("bagel_model")
+    managed = managed_model(run, row, pack)
+    if managed is None:
+        return
+    expected = run.task_seconds.get("t2i", 0.0) * 2  # at the least: weights cross PCIe every forward
+    if not run.fits(expected):
+        run.record(row, "t2i", status=f"skipped: time limit (about {expected:.0f} s needed)")
+        return
+    mm.unload_all_models()
+    free(run)
+    budget = COMFYUI_BUDGETS[row] * 2**30
+    reserved = mm.EXTRA_RESERVED_VRAM
+    mm.EXTRA_RESERVED_VRAM = max(0, mm.get_free_memory(run.device) - budget)
+    try:
+        _sync(run.device)
+        start = time.perf_counter()
+        model = managed.ready()
+        _sync(run.device)
+        patcher = managed.patcher
+        extra = {
+            "load s": round(time.perf_counter() - start, 3),
+            "loaded MiB": round(patcher.loaded_size() / 2**20),
+            "model MiB": round(patcher.model_size() / 2**20),
+            "partly loaded": bool(getattr(model, "model_lowvram", False)),
+            "reserved GiB": round(mm.EXTRA_RESERVED_VRAM / 2**30, 1),
+            "note": f"{pack.managed_by}, EXTRA_RESERVED_VRAM = free - {COMFYUI_BUDGETS[row]} GiB",
+        }
+        size, steps = run.args.size, run.args.steps
+        settings = replace(lib.T2I_SETTINGS, num_steps=steps)
+        lib.generate_image(
+            model, PROMPT, height=size, width=size, settings=replace(settings, num_steps=2), seed=1,
+            append_result=False,
+        )  # warm-up  # fmt: skip
+        reset_peak(run)
+        start = time.perf_counter()
+        try:
+            result, _ = lib.generate_image(
+                model, PROMPT, height=size, width=size, settings=settings, seed=1, callback=run.clock(start),
+                append_result=False,
+            )  # fmt: skip
+        except TimeLimit as stop:
+            partial = {"status": f"stopped by the time limit after {stop.done} of {stop.total} steps"}
+            if stop.done:
+                partial["s/step so far"] = round(stop.seconds / stop.done, 4)
+            run.record(row, "t2i", **partial, **extra)
+            return
+        _sync(run.device)
+        seconds = time.perf_counter() - start
+        values = {"size": f"{result.width}x{result.height}", "seconds": round(seconds, 3)}
+        values |= {"s/step": round(seconds / (steps - 1), 4), "peak MiB": memory_mb(run)}
+        pixels, reference = np.asarray(result, dtype=np.int16), run.reference.get("t2i")
+        if reference is not None and reference.shape == pixels.shape:
+            values["max |Δ| vs bf16"] = int(np.abs(pixels - reference).max())
+        run.record(row, "t2i", **values, **extra)
+    finally:
+        mm.EXTRA_RESERVED_VRAM = reserved
+
+
+def chain_prompt(pack: Pack, graph: dict, managed, seed: int, steps: int, size: int) -> dict[str, tuple]:
+    """One prompt of the API-format `graph` as ComfyUI's executor runs it: each of the pack's nodes called
+    on its widget values and its inputs' outputs, in the order of the ids (the example's are
+    topological); the Loader's output is `managed` (one load for every prompt, as ComfyUI's cache keeps
+    it) and ComfyUI's own nodes (Save Image) are left out: they keep nothing of BAGEL's. Every node gets
+    `seed`, so that no prompt repeats another (ComfyUI would answer a repeat from its cache), and at most
+    `steps` steps; Text to Image draws `size`² (the edits keep it). Returns each node's outputs."""
+    outputs: dict[str, tuple] = {}
+    for node_id in sorted(graph, key=int):
+        node = graph[node_id]
+        if node["class_type"] == "BAGELLoader":
+            outputs[node_id] = (managed,)
+            continue
+        cls = pack.module.NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if cls is None:
+            continue
+        inputs = {k: outputs[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        inputs |= {"seed": seed, "steps": min(steps, inputs["steps"])}
+        if "width" in inputs:
+            inputs |= {"width": size, "height": size}
+        result = getattr(cls(), cls.FUNCTION)(**inputs)
+        outputs[node_id] = result["result"] if isinstance(result, dict) else result
+    return outputs
+
+
+def kept_memory(run: Run, pack: Pack, kept: list[dict[str, tuple]], baseline: int, model) -> dict:
+    """What the kept outputs hold: their contexts, the K/V those report to ComfyUI's cache
+    (`_comfy_cache_tensors`, shared segments once) and where they are, next to the device's memory."""
+    context = pack.sub("bagel_model").Context
+    contexts = {
+        id(o): o for outputs in kept for result in outputs.values() for o in result if isinstance(o, context)
+    }
+    tensors = {id(t): t for c in contexts.values() for t in c._comfy_cache_tensors()}.values()
+    storage = model.net.kv_storage
+    values = {
+        "prompts": len(kept),
+        "kept contexts": len(contexts),
+        "kept K/V MiB": round(sum(t.nbytes for t in tensors) / 2**20, 1),
+        "K/V devices": sorted({str(t.device) for t in tensors}),
+        "K/V on the offload device": all(t.device == storage for t in tensors),
+        # a compact copy each: no view that keeps a task's larger buffer alive unseen by the cache
+        "K/V compact": all(t.untyped_storage().nbytes() == t.nbytes for t in tensors),
+        "offload device": str(storage),
+        "compute device": str(model.device),
+    }
+    if run.device.type == "cuda":
+        _sync(run.device)
+        allocated = torch.cuda.memory_allocated(run.device)
+        values["allocated MiB"] = round(allocated / 2**20)
+        values["growth MiB"] = round((allocated - baseline) / 2**20)  # since the model was loaded
+    return values
+
+
+def edit_chain_row(run: Run, pack: Pack) -> None:
+    """The edit-chain example run as CHAIN_PROMPTS[-1] separate prompts, every prompt's outputs kept (an
+    output cache that keeps all), recorded after each count of CHAIN_PROMPTS: a context must not pile up
+    compute-device memory while a cache holds it (its K/V wait on the offload device)."""
+    row = "edit-chain"
+    managed = managed_model(run, row, pack)
+    if managed is None:
+        return
+    graph = json.loads(CHAIN.read_text())
+    if pack.comfyui is not None:  # a budget row may have left it partly loaded
+        importlib.import_module("comfy.model_management").unload_all_models()
+        free(run)
+    model = managed.ready()  # under ComfyUI: loaded whole (no budget), its K/V storage set by the bridge
+    _sync(run.device)
+    baseline = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else 0
+    kept, longest, start = [], 0.0, time.perf_counter()
+    steps = min(run.args.steps, CHAIN_STEPS)
+    extra = {"steps": steps, "managed by": pack.managed_by}
+    if run.device.type == "cuda":
+        extra["weights MiB"] = round(baseline / 2**20)
+    for prompt in range(1, CHAIN_PROMPTS[-1] + 1):
+        if not run.fits(longest):
+            values = kept_memory(run, pack, kept, baseline, model)
+            run.record(row, f"{len(kept)} prompts", status="stopped by the time limit", **values, **extra)
+            return
+        began = time.perf_counter()
+        kept.append(chain_prompt(pack, graph, managed, prompt, steps, run.args.size))
+        longest = max(longest, time.perf_counter() - began)
+        if prompt in CHAIN_PROMPTS:
+            values = kept_memory(run, pack, kept, baseline, model)
+            values["s/prompt"] = round((time.perf_counter() - start) / prompt, 3)
+            run.record(row, f"{prompt} prompts", **values, **extra)
+
+
 # -- the table -----------------------------------------------------------------------------------------
 
 
@@ -542,6 +846,11 @@ def main(argv: list[str] | None = None) -> int:
         "--time-limit", type=float, default=420.0, help="seconds from start after which no new work starts"
     )
     parser.add_argument("--official-dir", help="checkout of ByteDance-Seed/Bagel for the official row")
+    parser.add_argument(
+        "--comfyui",
+        default=os.environ.get("COMFYUI_DIR") or default_comfyui(),
+        help="ComfyUI tree of the comfyui-* and edit-chain rows ($COMFYUI_DIR, else .comfyui-ci/ComfyUI)",
+    )
     args = parser.parse_args(argv)
     rows = ROWS if args.only is None else tuple(r.strip() for r in args.only.split(",") if r.strip())
     unknown = [r for r in rows if r not in ROWS]
@@ -564,6 +873,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def default_comfyui() -> str | None:
+    """The ComfyUI tree .ci/run unpacks beside the repository, where it is."""
+    tree = REPO / ".comfyui-ci" / "ComfyUI"
+    return str(tree) if tree.is_dir() else None
+
+
 def run_rows(run: Run, rows: tuple[str, ...]) -> None:
     bf16_rows = [r for r in ("bf16", "cfg-batched", "cfg-unbatched", "sdpa", "flash") if r in rows]
     if bf16_rows:
@@ -579,6 +894,9 @@ def run_rows(run: Run, rows: tuple[str, ...]) -> None:
             run.record("official", "t2i", status="not available: give --official-dir (a Bagel checkout)")
         else:
             guarded(run, "official", lambda: official_row(run))
+    comfyui = [r for r in (*COMFYUI_BUDGETS, "edit-chain") if r in rows]
+    if comfyui:
+        guarded(run, comfyui[0], lambda: comfyui_rows(run, comfyui))
 
 
 def bf16_family(run: Run, rows: list[str]) -> None:

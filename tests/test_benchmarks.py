@@ -31,6 +31,49 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
     assert "bf16" in done.stdout and "edit" in done.stdout  # the table is printed too
 
 
+def run_gpu_check(out: Path, *options: str, python: str = sys.executable, timeout: int = 300) -> dict:
+    """gpu_check on the CPU with the tiny preset, 64 px, 2 steps, and `options`: its JSON."""
+    cmd = [python, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--preset", "tiny"]
+    cmd += ["--size", "64", "--steps", "2", "--tokens", "4", "--out", str(out), *options]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["finished"], data
+    return data
+
+
+def check_edit_chain(records: list[dict]) -> dict[str, dict]:
+    """The edit-chain row's records, checked: every prompt's four contexts kept alive, their K/V (as they
+    report them to ComfyUI's cache) compact copies on the offload device; by task ("5 prompts", ...)."""
+    rows = {r["task"]: r for r in records if r["row"] == "edit-chain"}
+    assert set(rows) == {"5 prompts", "20 prompts"}, rows
+    for n, row in ((5, rows["5 prompts"]), (20, rows["20 prompts"])):
+        assert "status" not in row, row
+        assert row["prompts"] == n and row["kept contexts"] == 4 * n, row  # Text to Image + 3 Edits each
+        assert row["K/V on the offload device"] and row["K/V compact"], row
+        assert row["K/V devices"] == ["cpu"] and row["offload device"] == "cpu" and row["steps"] == 2, row
+        assert row["s/prompt"] > 0, row
+    # each prompt holds as much as the others: 20 prompts keep 4 times what 5 keep (MiB rounded to 0.1)
+    assert rows["5 prompts"]["kept K/V MiB"] > 0
+    assert abs(rows["20 prompts"]["kept K/V MiB"] - 4 * rows["5 prompts"]["kept K/V MiB"]) <= 0.3, rows
+    return rows
+
+
+def test_gpu_check_comfyui_rows_on_the_cpu_without_comfyui(tmp_path):
+    """Without ComfyUI (--comfyui empty) the budget rows say why they cannot run and the edit chain runs on
+    the library with the K/V storage the bridge sets."""
+    data = run_gpu_check(
+        tmp_path / "gpu_check.json", "--only", "comfyui-20gb,comfyui-12gb,edit-chain", "--comfyui", ""
+    )
+    budgets = {r["row"]: r["status"] for r in data["rows"] if r["row"].startswith("comfyui-")}
+    assert budgets == dict.fromkeys(
+        ("comfyui-20gb", "comfyui-12gb"), "not available: a GPU memory budget needs --device cuda"
+    )
+    rows = check_edit_chain(data["rows"])
+    assert rows["5 prompts"]["managed by"].startswith("library: Bagel.place(kv_storage=cpu)"), rows
+    assert "give --comfyui DIR" in rows["5 prompts"]["managed by"]
+
+
 def test_random_model_fills_every_tensor_and_repeats_with_its_seed(tmp_path):
     from bagel_model.config import TINY_CONFIG
     from bagel_model.quant import Fp8Linear
