@@ -62,6 +62,27 @@ def input_png(official_tiny: Path) -> Path:
     return _need(official_tiny.parent / "ref" / "input.png")
 
 
+# The official references the parity tests run on: the small one in the repository always (a fresh clone
+# runs them), and the shared one too where it is present (the official image limits: a 512x688 edit).
+PARITY_REFERENCES = {"in_repo": Path(__file__).resolve().parent / "fixtures" / "official_tiny"} | (
+    {"shared": SHARED_DIR / "reference" / "official_tiny"}
+    if (SHARED_DIR / "reference" / "official_tiny" / "model").is_dir()
+    else {}
+)
+
+
+@pytest.fixture(scope="session", params=list(PARITY_REFERENCES.values()), ids=list(PARITY_REFERENCES))
+def parity_reference(request: pytest.FixtureRequest) -> Path:
+    """An official tiny reference: `model/` (written by the official classes) and `ref/` (the official
+    inferencer's outputs on it, `results.json`, their input image and initial noise)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def parity_model(parity_reference: Path) -> BagelModel:
+    return bagel_model.load(parity_reference / "model")
+
+
 @pytest.fixture(scope="session")
 def official_7b_keys(shared_dir: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor of the released BAGEL-7B-MoT `ema.safetensors`: name -> shape."""

@@ -1,10 +1,11 @@
-"""Parity with the official code: the five outputs of the official `InterleaveInferencer` on its tiny random
-checkpoint (`reference/official_tiny/ref/results.json`), reproduced in float32 through the public tasks.
+"""Parity with the official code: the five outputs of the official `InterleaveInferencer` on a tiny random
+checkpoint (`ref/results.json` of each `parity_reference`), reproduced in float32 through the public tasks.
 
 Every weight is random, so only computing what the official code computes reproduces them: texts must be
 equal, images within 1 level of 255 (float32 summation order differs). The stored initial noise replaces
-the seed. The edit runs at the official size (512x688, ~3200 context tokens) and takes most of this file's
-time on CPU (tens of seconds).
+the seed. The in-repository reference (tests/fixtures/official_tiny, written by
+benchmarks/make_parity_fixture.py) runs in seconds; the shared one, where present, edits at the official
+size (512x688, ~3200 context tokens) and takes tens of seconds on CPU.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ PROMPT = "describe the image."
 
 
 @pytest.fixture(scope="module")
-def ref(official_tiny):
-    return official_tiny.parent / "ref"
+def ref(parity_reference):
+    return parity_reference / "ref"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def results(ref):
 
 
 @pytest.fixture(scope="module")
-def input_image(input_png):
-    with Image.open(input_png) as im:
+def input_image(ref):
+    with Image.open(ref / "input.png") as im:
         return im.convert("RGB")
 
 
@@ -64,19 +65,19 @@ def _assert_image_close(pixels, out: Image.Image, ref_path, tol: int = 1) -> Non
 
 
 @pytest.mark.parametrize("think", [False, True], ids=["understand", "understand_think"])
-def test_understand(official_model, results, input_image, think):
+def test_understand(parity_model, results, input_image, think):
     r = results["understand_think" if think else "understand"]
     assert r["prompt"] == PROMPT
     answer, _ = tasks.understand(
-        official_model, PROMPT, image=input_image, think=think, settings=tasks.TextSettings(max_new_tokens=11)
+        parity_model, PROMPT, image=input_image, think=think, settings=tasks.TextSettings(max_new_tokens=11)
     )
     assert answer == r["text"]
 
 
-def test_t2i(official_model, results, ref, pixels):
+def test_t2i(parity_model, results, ref, pixels):
     r = results["t2i"]
     image, _ = tasks.generate_image(
-        official_model,
+        parity_model,
         r["prompt"],
         height=r["height"],
         width=r["width"],
@@ -87,22 +88,22 @@ def test_t2i(official_model, results, ref, pixels):
     _assert_image_close(pixels, image, ref / "t2i.png")
 
 
-def test_edit(official_model, results, ref, input_image, pixels):
+def test_edit(parity_model, results, ref, input_image, pixels):
     r = results["edit"]
     image, _ = tasks.edit_image(
-        official_model, input_image, r["prompt"], settings=_settings(r), latents=_latents(ref, "edit")
+        parity_model, input_image, r["prompt"], settings=_settings(r), latents=_latents(ref, "edit")
     )
-    # the output size is the input's size after the official VAE resize (200x150 -> 688x512)
+    # the output size is the input's size after the official VAE resize (shared: 200x150 -> 688x512)
     assert image.size == (r["width"], r["height"])
     _assert_image_close(pixels, image, ref / "edit.png")
 
 
-def test_think_t2i(official_model, results, ref, pixels):
+def test_think_t2i(parity_model, results, ref, pixels):
     r = results["think_t2i"]
-    thought, ctx = tasks.think(official_model, r["prompt"], settings=tasks.TextSettings(max_new_tokens=9))
+    thought, ctx = tasks.think(parity_model, r["prompt"], settings=tasks.TextSettings(max_new_tokens=9))
     assert thought == r["thought"]
     image, _ = tasks.generate_image(
-        official_model,
+        parity_model,
         None,
         context=ctx,
         height=r["height"],
