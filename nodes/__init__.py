@@ -16,6 +16,7 @@ from .lora import BAGELLoraLoader
 from .reason import BAGELReason
 from .sequence import BAGELMultiFrame, BAGELNavigate
 from .text import BAGELThink, BAGELUnderstand
+from .train import BAGELTrainLora
 
 NODES = {
     "BAGELLoader": (BAGELLoader, "BAGEL Loader"),
@@ -29,6 +30,7 @@ NODES = {
     "BAGELContextAddImages": (BAGELContextAddImages, "BAGEL Context Add Images"),
     "BAGELReason": (BAGELReason, "BAGEL Reason"),
     "BAGELLoraLoader": (BAGELLoraLoader, "BAGEL LoRA Loader"),
+    "BAGELTrainLora": (BAGELTrainLora, "BAGEL Train LoRA"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

@@ -69,6 +69,15 @@ def model_files(folder_name: str) -> dict[str, Path]:
     return {name: Path(path) for name, path in found.items() if path is not None}
 
 
+def save_folder(folder_name: str) -> Path | None:
+    """Where ComfyUI saves new files of its `folder_name` models ("loras": the first of its folders, the
+    one its own LoRA trainer writes to); None outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return None
+    return Path(folder_paths.get_folder_paths(folder_name)[0])
+
+
 def qwen25_tokenizer() -> Path | None:
     """The Qwen2.5 tokenizer ComfyUI ships for its own Qwen models (`comfy/text_encoders/qwen25_tokenizer`:
     vocab.json, merges.txt, tokenizer_config.json; BAGEL's vocabulary and marker ids), for single-file
