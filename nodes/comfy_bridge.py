@@ -129,6 +129,26 @@ class ManagedModel:
         return self.model
 
 
+@torch.inference_mode(False)
+def make_trainable(model: BagelModel) -> None:
+    """Replace the model's inference tensors by ordinary copies, one tensor at a time (no second model in
+    memory), so autograd may save them for a backward pass.
+
+    ComfyUI runs every node under `torch.inference_mode()`, so the tensors a node loads or moves there are
+    inference tensors, which a backward pass refuses to keep ("Inference tensors cannot be saved for
+    backward"); the base weights of a LoRA are such tensors in each adapted layer's product. The copies
+    hold the same values, so every later task gives the same result."""
+    for module in model.net.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_inference():
+                setattr(module, name, torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_inference():
+                module.register_buffer(
+                    name, buffer.clone(), persistent=name not in module._non_persistent_buffers_set
+                )
+
+
 def is_dynamic(patcher: object) -> bool:
     """Whether ComfyUI streams this patcher's weights by dynamic VRAM (the newest ComfyUI on NVIDIA);
     v0.3.64's patchers do not say, and never do."""

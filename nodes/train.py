@@ -152,8 +152,8 @@ class BAGELTrainLora:
         with tempfile.TemporaryDirectory(prefix="bagel_lora_") as data:
             write_examples(Path(data), images, text, target_images)
             examples = read_folder(data, bagel.config, settings.resolution)
-            # ComfyUI runs nodes under inference mode; training needs autograd.
-            with torch.inference_mode(False):
+            comfy_bridge.make_trainable(bagel)
+            with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode
                 result = train_lora(bagel, examples, folder, settings, callback=report)
         adapted = comfy_bridge.with_lora(model, lora.read(result.adapter), 1.0)
         losses = [row["loss"] for row in result.history]

@@ -140,3 +140,18 @@ def test_cancel_keeps_what_was_trained(loras, examples, managed, monkeypatch):
     state = torch.load(loras / "cut" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and calls == [1, 2]
     lib.lora.read(loras / "cut")
+
+
+def test_a_model_loaded_and_trained_under_inference_mode_trains_as_in_comfyui(loras, examples):
+    """ComfyUI runs every node under torch.inference_mode(): the Loader's tensors are inference tensors,
+    which autograd refuses to save; the node trains anyway, and its model draws as before."""
+    batch, text, _ = examples
+    with torch.inference_mode():
+        (managed,) = run("BAGELLoader", model_name=lib.bundled.DEFAULT_NAME)
+        assert managed.model.net.vae2llm.weight.is_inference()
+        before = run("BAGELTextToImage", model=managed, prompt="a red circle at the top", steps=3)["result"][
+            0
+        ]
+        out = run("BAGELTrainLora", model=managed, images=batch, text=text, steps=2, rank=4, name="inf")
+        after = run("BAGELTextToImage", model=managed, prompt="a red circle at the top", steps=3)["result"][0]
+    assert out["result"][2] == "inf/adapter_model.safetensors" and torch.equal(before, after)

@@ -41,6 +41,7 @@ NODE_IDS = {
     "BAGELContextAddText",
     "BAGELContextAddImages",
     "BAGELReason",
+    "BAGELTrainLora",
 }
 # What each example promises: images per output node (all at the model's default size), and the nodes
 # that show a non-empty text.
@@ -55,6 +56,7 @@ PROMISES = {
     "visual_reasoning": ({"4": 2}, ["3"]),
     "batch": ({"3": 4}, []),
     "latent_flip_edit": ({"3": 1, "6": 1}, []),
+    "train_lora": ({"11": 1, "14": 1}, ["9"]),
 }
 
 
@@ -76,6 +78,9 @@ SCENES = {
     # bundled model's autoencoder ever made, and the edit comes out as other shapes (the 48 px model of
     # 2026-11-30: a yellow triangle at the top right, where the mirrored square should turn green).
     "latent_flip_edit": {"3": ["a blue square at the top left"]},
+    # Trained in the graph on four of the model's own blue pictures captioned "azure": the new adapter draws
+    # azure as blue in a place and shape combination it never saw; the base model does not know the word.
+    "train_lora": {"11": ["a blue circle at the center"], "14": ["a green circle at the center"]},
 }
 # Not graded: multi_reference ("put the red circle from the first image into the second") and
 # visual_reasoning (pictures inside a zebra-cot transcript) ask for what the shapes world never trains;
@@ -118,7 +123,7 @@ def test_example_workflow_runs_to_its_promised_outputs(server, name):
         (text,) = run.history["outputs"][node_id]["text"]
         assert text.strip(), f"node {node_id} wrote nothing"
     for node_id, output in run.history["outputs"].items():
-        if run.history["prompt"][2][node_id]["class_type"] in NODE_IDS:
+        if run.history["prompt"][2][node_id]["class_type"] in NODE_IDS - {"BAGELTrainLora"}:  # no context
             assert output["context"][0].endswith("MiB")
     for node_id, scenes in SCENES.get(name, {}).items():
         read = [describe(read_scene(image)) for image in server.images(run, node_id)]
