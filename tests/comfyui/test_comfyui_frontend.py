@@ -5,7 +5,8 @@ node type must be registered (no "missing nodes"), every widget must read back t
 and the frontend's conversion to a prompt (`app.graphToPrompt`, what "Queue" sends) must equal the
 API-format twin in example_workflows/api/. Then each workflow is queued from the page, and the nodes must
 show their text and context summary (web/bagel.js); the page is screenshotted (kept in pytest's temporary
-folder; with BAGEL_WRITE_THUMBNAILS=1 also written as the workflow's thumbnail).
+folder; with BAGEL_WRITE_THUMBNAILS=1 also written as the workflow's thumbnail). Understand and Think, queued
+from the page, must show their text in the node's one text box while they decode (live text), and once.
 
 Needs $COMFYUI_DIR (see conftest.py) and Debian's `chromium` (or $CHROMIUM); skipped otherwise, failed
 under CI=true. Chromium is driven over the DevTools protocol with websocket-client (no Playwright, no
