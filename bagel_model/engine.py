@@ -106,6 +106,7 @@ def decode_text(
     cache = model.net.new_cache(budget, history.kvs())
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids, stop = [markers.bos], None
+    so_far = TextSoFar(model) if callback is not None else None
     for step in range(budget):
         query = model.token_query(ids[-1])
         hidden = model.run([query], [history.rope + step], [cache.narrow(cache.n_past + step, 1)])
@@ -120,7 +121,7 @@ def decode_text(
             break
         ids.append(next_id)
         if callback is not None:
-            callback(step + 1, budget, _text_of(model, ids).rstrip(PARTIAL_CHARACTER))
+            callback(step + 1, budget, so_far.add(next_id))
     if stop is None:
         stop = STOP_BUDGET if budget == settings.max_new_tokens else STOP_WINDOW
     text = _text_of(model, ids)
@@ -138,6 +139,27 @@ PARTIAL_CHARACTER = "\ufffd"  # what byte-level decoding shows for the first byt
 def _text_of(model: BagelModel, ids: list[int]) -> str:
     """Decode as the official inferencer does: the whole run, then the text after <|im_start|>."""
     return model.tokenizer.decode(ids).split("<|im_end|>")[0].split("<|im_start|>")[1]
+
+
+class TextSoFar:
+    """The callback's text as decoding appends ids after <|im_start|>: `_text_of` of the run so far, without
+    a partial character at its end, decoding only the ids that came since the text last ended whole
+    (decoding the whole run at every token costs O(n²) over an answer: 0.16 ms a token at 2000 tokens).
+    Byte-level pieces decode to the same text apart as together wherever the text before ends whole."""
+
+    def __init__(self, model: BagelModel):
+        self._decode = model.tokenizer.decode
+        self._whole = ""  # the decoded ids, up to the last one that ended a character
+        self._pending: list[int] = []  # ids after those
+
+    def add(self, token_id: int) -> str:
+        """Take the next id; the text so far."""
+        self._pending.append(token_id)
+        tail = self._decode(self._pending)
+        if not tail.endswith(PARTIAL_CHARACTER):
+            self._whole, self._pending, tail = self._whole + tail, [], ""
+        text = self._whole + tail
+        return text.split("<|im_end|>")[0].split("<|im_start|>")[0].rstrip(PARTIAL_CHARACTER)
 
 
 # -- images ----------------------------------------------------------------------------------------

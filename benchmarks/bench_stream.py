@@ -2,11 +2,12 @@
 
     python benchmarks/bench_stream.py [--repeats 50] [--device cpu] [--out bench_stream.json]
 
-Streaming costs a decode of the text so far after every token (the callback's payload) and printing the
-new part (`--stream`'s `cli.Stream`, here into memory). Each repeat runs Understand (the answer about a
-drawn picture) and Think (a plan) once without a callback and once streaming, alternating, so both modes
-see the same machine load; tokens/s is decoded tokens over the task's wall time (its prefill included, as
-a user waits for it), summed over the repeats.
+Streaming costs, after every token, decoding the ids since the text last ended whole (the callback's
+payload, `engine.TextSoFar`) and printing the new part (`--stream`'s `cli.Stream`, here into memory). Each
+repeat runs Understand (the answer about a drawn picture) and Think (a plan) once without a callback and
+once streaming, in turn, the first mode alternating between repeats, so both modes see the same machine
+load and neither always runs first; tokens/s is decoded tokens over the task's wall time (its prefill
+included, as a user waits for it), summed over the repeats.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def main() -> None:
     totals = {(task, mode): [0, 0.0] for task in runs for mode in ("plain", "stream")}
     for task, run in runs.items():
         run(None)  # warm-up
-        for _ in range(args.repeats):
-            for mode in ("plain", "stream"):
+        for repeat in range(args.repeats):
+            for mode in ("plain", "stream")[:: 1 if repeat % 2 == 0 else -1]:
                 stream = cli.Stream(io.StringIO()) if mode == "stream" else None
                 start = time.perf_counter()
                 text, _ = run(stream)

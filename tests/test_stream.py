@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 
 import pytest
 
@@ -75,6 +76,23 @@ def test_any_tokens_stream_as_prefixes(tiny_model, seed):
     assert all(answer.startswith(text) for text in texts)
     # beyond the last text, at most a character the last token left broken
     assert answer.startswith(texts[-1]) and not answer[len(texts[-1]) :].strip("\ufffd")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_text_so_far_equals_decoding_the_whole_run_at_every_token(model, seed):
+    """The callback's text is decoded piecewise (only the ids since the text last ended whole): at every
+    token it equals decoding the whole run as the answer is decoded, on runs of any ids: byte tokens that
+    cut characters (also ones never completed), markers mid-text, emoji and CJK split across tokens."""
+    tokenizer, rng = model.tokenizer, random.Random(seed)
+    pieces = tokenizer.encode("日本語のテキスト 😀🎨 naïve café")
+    pool = [lambda: rng.randrange(len(tokenizer)), lambda: rng.randrange(256), lambda: rng.choice(pieces)]
+    ids = [rng.choice(pool)() for _ in range(300)]
+    marker = [tokenizer.markers.bos, tokenizer.markers.eos][seed % 2]  # cuts the text from there on
+    ids.insert(rng.randrange(150, 300), marker)
+    so_far = engine.TextSoFar(model)
+    for n, token_id in enumerate(ids, start=1):
+        expected = engine._text_of(model, [tokenizer.markers.bos, *ids[:n]]).rstrip(engine.PARTIAL_CHARACTER)
+        assert so_far.add(token_id) == expected, (n, ids[:n])
 
 
 def test_reason_streams_the_transcript_with_a_marker_while_drawing(model, drawn, monkeypatch):

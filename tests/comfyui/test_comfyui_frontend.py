@@ -5,7 +5,8 @@ node type must be registered (no "missing nodes"), every widget must read back t
 and the frontend's conversion to a prompt (`app.graphToPrompt`, what "Queue" sends) must equal the
 API-format twin in example_workflows/api/. Then each workflow is queued from the page, and the nodes must
 show their text and context summary (web/bagel.js); the page is screenshotted (kept in pytest's temporary
-folder; with BAGEL_WRITE_THUMBNAILS=1 also written as the workflow's thumbnail).
+folder; with BAGEL_WRITE_THUMBNAILS=1 also written as the workflow's thumbnail). Understand and Think, queued
+from the page, must show their text in the node's one text box while they decode (live text), and once.
 
 Needs $COMFYUI_DIR (see conftest.py) and Debian's `chromium` (or $CHROMIUM); skipped otherwise, failed
 under CI=true. Chromium is driven over the DevTools protocol with websocket-client (no Playwright, no
@@ -28,11 +29,13 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import ComfyServer
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 APP = "window.comfyAPI.app.app"
+TEXT = "$$node-text-preview"  # the text box's name: the frontend's progress-text widget (web/bagel.js)
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -45,9 +48,13 @@ FLAGS = [
 
 
 class Page:
-    """One Chromium tab over the DevTools protocol: evaluate JavaScript, take screenshots."""
+    """One Chromium tab on `server`'s frontend over the DevTools protocol: evaluate JavaScript, take
+    screenshots."""
 
-    def __init__(self, url: str, binary: str, websocket: ModuleType, width: int = 1600, height: int = 1000):
+    def __init__(
+        self, server: ComfyServer, binary: str, websocket: ModuleType, width: int = 1600, height: int = 1000
+    ):
+        self.server = server  # the ComfyServer whose frontend this tab shows
         self.profile = tempfile.mkdtemp(prefix="bagel-chromium-")
         self.process = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0"]
@@ -59,7 +66,7 @@ class Page:
         self._ids = itertools.count(1)
         self.ws = websocket.create_connection(self._page_socket(), timeout=120, suppress_origin=True)
         self.call("Runtime.enable")
-        self.call("Page.navigate", url=url)
+        self.call("Page.navigate", url=server.url)
         self.wait_for(f"!!({APP}?.graph && {APP}.vueAppReady)")
 
     def _page_socket(self) -> str:
@@ -126,7 +133,7 @@ def page(request, chromium, websocket_client):
     server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template picker
     server.post("/settings/Comfy.Minimap.Visible", False)  # clean screenshots: no minimap, no stats
     server.post("/settings/Comfy.Graph.CanvasInfo", False)
-    opened = Page(server.url, chromium, websocket_client)
+    opened = Page(server, chromium, websocket_client)
     opened.wait_for("!!LiteGraph.registered_node_types.BAGELLoader")  # node definitions arrive last
     yield opened
     opened.close()
@@ -193,8 +200,8 @@ def test_queued_from_the_page_the_nodes_show_their_results(page, name, tmp_path)
     )
     shown = page.js(
         f"""{APP}.graph._nodes.filter(n => n.type.startsWith('BAGEL')).map(n => ({{type: n.type,
-            text: n.widgets.find(w => w.name === 'bagel_text')?.value,
-            shown: n.widgets.find(w => w.name === 'bagel_text')?.element?.value,
+            text: n.widgets.find(w => w.name === {json.dumps(TEXT)})?.value,
+            shown: n.widgets.find(w => w.name === {json.dumps(TEXT)})?.element?.value,
             context: n.widgets.find(w => w.name === 'bagel_context')?.label }}))"""
     )
     for node in shown:
@@ -207,6 +214,57 @@ def test_queued_from_the_page_the_nodes_show_their_results(page, name, tmp_path)
     if os.environ.get("BAGEL_WRITE_THUMBNAILS") == "1":
         picture.thumbnail((1024, 640))
         picture.save(EXAMPLES / f"{name}.jpg", quality=85)
+
+
+@pytest.mark.parametrize(("name", "node_id"), [("understand", "4"), ("think_then_generate", "2")])
+def test_text_shows_on_the_node_while_it_is_written_and_once(page, name, node_id):
+    """Queued from the page, Understand and Think show their text in the node's one text box while they
+    decode: after each progress-text message (read once the page has handled it, so it is what the box
+    shows) the box holds a prefix of the final text, some of them before the node finished, and ends with
+    the `ui` text. The frontend adds no text preview of its own: the node has one text widget, and no
+    other element on the page shows the text."""
+    load(page, name)
+    page.server.free()  # run, not taken from the cache
+    seen = page.js(
+        f"""new Promise(resolve => {{
+            const api = window.comfyAPI.api.api, node = {APP}.graph.getNodeById({node_id});
+            const boxes = () => node.widgets.filter(w => w.name === {json.dumps(TEXT)});
+            const seen = {{shown: [], boxes: [], final: null, after: null}};
+            const onText = e => {{
+                if (String(e.detail.nodeId) !== '{node_id}') return;
+                const running = seen.final === null;  // the node's `executed` has not come
+                queueMicrotask(() => {{  // after every listener of this message, the frontend's too
+                    seen.shown.push({{running, text: boxes()[0]?.element?.value}});
+                    seen.boxes.push(boxes().length);
+                }});
+            }};
+            const onExecuted = e => {{
+                if (String(e.detail.node) === '{node_id}') seen.final = e.detail.output.text.join("\\n\\n");
+            }};
+            const done = () => {{
+                for (const [kind, f] of [['progress_text', onText], ['executed', onExecuted],
+                                         ['execution_success', done]]) api.removeEventListener(kind, f);
+                seen.after = {{boxes: boxes().length, tag: boxes()[0]?.element?.tagName,
+                    text: boxes()[0]?.element?.value, widgets: node.widgets.map(w => w.name),
+                    onPage: document.body.innerText.includes(seen.final)}};
+                resolve(seen);
+            }};
+            api.addEventListener('progress_text', onText);
+            api.addEventListener('executed', onExecuted);
+            api.addEventListener('execution_success', done);
+            {APP}.queuePrompt(0, 1);
+        }})"""
+    )
+    final, shown = seen["final"], seen["shown"]
+    assert final and all(isinstance(s.get("text"), str) for s in shown), seen  # in our text box
+    during = [s["text"] for s in shown if s["running"]]
+    assert len(during) >= 2 and any(len(text) < len(final) for text in during), seen
+    assert all(final.startswith(s["text"]) for s in shown), seen
+    assert shown[-1]["text"] == final
+    assert set(seen["boxes"]) == {1}, seen  # one text widget all along: ours
+    after = seen["after"]
+    assert (after["boxes"], after["tag"], after["text"]) == (1, "TEXTAREA", final), after
+    assert not after["onPage"], after  # a textarea's text is not in innerText: nothing else shows it
 
 
 def fit_and_screenshot(page: Page) -> Image.Image:
