@@ -194,9 +194,10 @@ def test_queued_from_the_page_the_nodes_show_their_results(page, name, tmp_path)
             {APP}.queuePrompt(0, 1);
         }})"""
     )
-    page.wait_for(
+    page.wait_for(  # every node that passes a context on shows its summary; Train LoRA, what it saved
         f"{APP}.graph._nodes.filter(n => n.type.startsWith('BAGEL') && n.type !== 'BAGELLoader')"
-        ".every(n => (n.widgets || []).some(w => w.name === 'bagel_context' && w.label))"
+        ".every(n => (n.widgets || []).some(w => w.name === 'bagel_context' && w.label"
+        f" || n.type === 'BAGELTrainLora' && w.name === {json.dumps(TEXT)} && w.value))"
     )
     shown = page.js(
         f"""{APP}.graph._nodes.filter(n => n.type.startsWith('BAGEL')).map(n => ({{type: n.type,
@@ -207,7 +208,9 @@ def test_queued_from_the_page_the_nodes_show_their_results(page, name, tmp_path)
     for node in shown:
         if node["type"] in ("BAGELUnderstand", "BAGELThink", "BAGELReason"):
             assert node["text"] and node["shown"] == node["text"], node  # in the node's own text box
-        if node["type"] != "BAGELLoader":
+        if node["type"] == "BAGELTrainLora":
+            assert node["shown"].startswith("saved bagel_azure"), node
+        elif node["type"] != "BAGELLoader":
             assert node["context"].startswith("context: ") and node["context"].endswith("MiB"), node
     picture = fit_and_screenshot(page)
     picture.save(tmp_path / f"{name}.png")
