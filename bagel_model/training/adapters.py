@@ -79,25 +79,27 @@ class LoraFactors(nn.Module):
         return (x @ self.lora_A.T) @ self.lora_B.T * self.scale
 
 
+def targeted(net: nn.Module, experts: tuple[str, ...]) -> list[str]:
+    """Names of the linear layers of `net` that adapters on `experts` adapt (in module order)."""
+    unknown = set(experts) - set(_EXPERTS)
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {', '.join(TARGETS)}")
+    pattern = re.compile("|".join(f"(?:{_EXPERTS[e]})" for e in experts))
+    return [name for name, _ in net.named_modules() if pattern.fullmatch(name)]
+
+
 class Adapters(nn.Module):
     """The LoRA factors of every targeted layer of one network, attached by forward hooks."""
 
     def __init__(self, net: Bagel, experts: tuple[str, ...], shape: LoraShape, seed: int):
         super().__init__()
-        unknown = set(experts) - set(_EXPERTS)
-        if unknown:
-            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {', '.join(TARGETS)}")
-        pattern = re.compile("|".join(f"(?:{_EXPERTS[e]})" for e in experts))
         self.shape, self.experts = shape, experts
-        self.names: list[str] = []
+        self.names = targeted(net, experts)
         self.factors = nn.ModuleList()
         generator = torch.Generator().manual_seed(seed)
-        self._modules_by_name: dict[str, nn.Module] = {}
-        for name, module in net.named_modules():
-            if pattern.fullmatch(name):
-                self.names.append(name)
-                self.factors.append(LoraFactors(module.in_features, module.out_features, shape, generator))
-                self._modules_by_name[name] = module
+        self._modules_by_name = {name: net.get_submodule(name) for name in self.names}
+        for module in self._modules_by_name.values():
+            self.factors.append(LoraFactors(module.in_features, module.out_features, shape, generator))
         if not self.names:
             raise ValueError(f"no layer of this model matches the LoRA targets {', '.join(experts)}")
         self._hooks: list = []
