@@ -33,6 +33,9 @@ casting layers, loaded on the offload device, `comfy_bridge.manage`):
   cache keeps them (at most 4 steps: device memory does not depend on the step count): device memory
   after each batch next to the K/V the kept contexts hold and where. Without ComfyUI it runs on the
   library alone, with the K/V storage the bridge would set (`place(kv_storage=cpu)`), and says so.
+- lora-train: LoRA training of the bf16 model as `train-lora` trains by default (rank 16 on the
+  generation expert, gradient checkpointing, one example per step), text-to-image and edit at --size:
+  seconds per step, steps per second and peak memory over 5 steps after a warm-up step.
 
 Tasks: understand (an image and a question, --tokens greedy), t2i at the notebook defaults (cfg_text 4,
 cfg_img 1, interval [0.4, 1], shift 3, global renorm), t2i at vLLM-Omni's cfg_img 1.5, and edit at the edit
@@ -81,6 +84,8 @@ from bagel_model.engine import TextSettings  # noqa: E402
 from bagel_model.layers.attention import flash_available  # noqa: E402
 from bagel_model.sampling import EDIT_SETTINGS, T2I_SETTINGS, batch_cfg  # noqa: E402
 from bagel_model.tiny import random_model, write_tokenizer  # noqa: E402
+from bagel_model.training.finetune import LoraSettings, train_lora  # noqa: E402
+from bagel_model.training.folder import read_folder  # noqa: E402
 
 QUESTION = "describe the image in detail."
 EDIT = "make the circle green"
@@ -101,7 +106,9 @@ ROWS = (
     "comfyui-20gb",
     "comfyui-12gb",
     "edit-chain",
+    "lora-train",
 )
+LORA_STEPS = 5  # measured training steps per task, after one warm-up step
 OFFLOAD_BUDGETS = {"offload-20gb": 20, "offload-12gb": 12}
 COMFYUI_BUDGETS = {"comfyui-20gb": 20, "comfyui-12gb": 12}  # GiB that ComfyUI may load weights into
 CHAIN = REPO / "example_workflows" / "api" / "edit_chain.json"
@@ -894,9 +901,63 @@ def run_rows(run: Run, rows: tuple[str, ...]) -> None:
             run.record("official", "t2i", status="not available: give --official-dir (a Bagel checkout)")
         else:
             guarded(run, "official", lambda: official_row(run))
+    if "lora-train" in rows:
+        guarded(run, "lora-train", lambda: lora_row(run))
     comfyui = [r for r in (*COMFYUI_BUDGETS, "edit-chain") if r in rows]
     if comfyui:
         guarded(run, comfyui[0], lambda: comfyui_rows(run, comfyui))
+
+
+def lora_examples(folder: Path, task: str, size: int) -> None:
+    """Two examples of `task` at `size`, in the train-lora folder layout."""
+    folder.mkdir(parents=True)
+    image = picture(size)
+    for i in range(2):
+        if task == "t2i":
+            image.save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(PROMPT)
+        else:
+            image.save(folder / f"{i}_src.png")
+            image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"{i}_tgt.png")
+            (folder / f"{i}.txt").write_text(EDIT)
+
+
+def lora_row(run: Run) -> None:
+    """LoRA training of the bf16 model (train-lora's defaults: rank 16 on the generation expert, gradient
+    checkpointing, one example per step) at --size, text-to-image and edit: steps per second and peak
+    memory over LORA_STEPS steps after a warm-up step."""
+    model = build(run, "lora-train")
+    if model is None:
+        return
+    for task in ("t2i", "edit"):
+        with tempfile.TemporaryDirectory() as scratch:
+            lora_examples(Path(scratch) / "data", task, run.args.size)
+            examples = read_folder(Path(scratch) / "data", model.config, run.args.size)
+            settings = LoraSettings(steps=1 + LORA_STEPS, save_every=10**6)
+            times: list[float] = []
+            clock = run.clock(time.perf_counter())
+
+            def step(report, clock=clock, times=times) -> None:
+                _sync(run.device)
+                times.append(time.perf_counter())
+                if report.step == 1:
+                    reset_peak(run)
+                clock(report.step, report.steps, None)
+
+            try:
+                train_lora(model, examples, Path(scratch) / "adapter", settings, callback=step)
+            except TimeLimit:
+                pass
+            measured = len(times) - 1
+            if measured < 1:
+                run.record("lora-train", task, status="skipped: time limit reached in the warm-up step")
+                continue
+            seconds = times[-1] - times[0]
+            run.record(
+                "lora-train", task, size=f"{run.args.size}x{run.args.size}", steps=measured,
+                **{"s/step": round(seconds / measured, 3), "steps/s": round(measured / seconds, 2),
+                   "peak MiB": memory_mb(run), "weights MiB": weights_mb(run, model)},
+            )  # fmt: skip
 
 
 def bf16_family(run: Run, rows: list[str]) -> None:

@@ -104,3 +104,12 @@ def test_bench_stream_reports_both_modes_on_the_bundled_model(tmp_path):
     for row in rows.values():
         assert row["tokens"] > 1 and row["plain tok/s"] > 0 and row["stream tok/s"] > 0, row
     assert "stream tok/s" in done.stdout  # the table is printed too
+
+
+def test_gpu_check_lora_training_row_on_the_cpu(tmp_path):
+    data = run_gpu_check(tmp_path / "gpu_check.json", "--only", "lora-train")
+    rows = {r["task"]: r for r in data["rows"] if r["row"] == "lora-train"}
+    assert set(rows) == {"t2i", "edit"}
+    for row in rows.values():
+        assert "status" not in row, row
+        assert row["steps"] == 5 and row["steps/s"] > 0 and row["peak MiB"] > 0 and row["size"] == "64x64"
