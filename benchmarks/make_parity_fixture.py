@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +138,7 @@ def official_modules(official: runner.Official, vocab_size: int) -> tuple[Any, A
     vit_config.rope = False
     vit_config.num_hidden_layers -= 1
     vae_config = official.autoencoder.AutoEncoderParams(**AE_CONFIG)
-    config = ob.BagelConfig(
-        visual_gen=True,
-        visual_und=True,
-        llm_config=llm_config,
-        vit_config=vit_config,
-        vae_config=vae_config,
-        connector_act="gelu_pytorch_tanh",
-        latent_patch_size=2,
-        **TABLES,
-    )
+    config = runner.official_config(ob, llm_config, vit_config, vae_config, **TABLES)
     model = ob.Bagel(ob.Qwen2ForCausalLM(llm_config), ob.SiglipVisionModel(vit_config), config)
     model.vit_model.vision_model.embeddings.convert_conv2d_to_linear(vit_config)
     vae = official.autoencoder.AutoEncoder(vae_config)
@@ -178,24 +168,9 @@ def write_model(folder: Path, official: runner.Official) -> None:
         save_file(state, str(folder / name))
 
 
-def fixture_bagel_config(official: runner.Official) -> Callable[..., Any]:
-    """`BagelConfig` as `build_official` calls it, with this fixture's table sides in place of the app's."""
-    config_class = official.bagel.BagelConfig
-
-    def make(**kwargs: Any) -> Any:
-        return config_class(**(kwargs | TABLES))
-
-    return make
-
-
 def build_bundle(model_dir: Path, official: runner.Official) -> runner.Bundle:
     """`official_runner.build_official` with this fixture's table sides and image limits."""
-    original = official.bagel.BagelConfig
-    official.bagel.BagelConfig = fixture_bagel_config(official)
-    try:
-        bundle = runner.build_official(model_dir, official)
-    finally:
-        official.bagel.BagelConfig = original
+    bundle = runner.build_official(model_dir, official, tables=TABLES)
     transforms = official.transforms
     bundle.vae_transform = transforms.ImageTransform(*INFERENCE["vae_limits"].values())
     bundle.vit_transform = transforms.ImageTransform(*INFERENCE["vit_limits"].values())

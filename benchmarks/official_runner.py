@@ -258,7 +258,26 @@ def _load_safetensors_fp32(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
 
 
-def build_official(model_dir: Path, official: Official, vae_sample: bool = False) -> Bundle:
+def official_config(ob, llm_config, vit_config, vae_config, **tables):
+    """app.py's BagelConfig around these sub-configs (`tables`: the two position-table sides)."""
+    return ob.BagelConfig(
+        visual_gen=True,
+        visual_und=True,
+        llm_config=llm_config,
+        vit_config=vit_config,
+        vae_config=vae_config,
+        connector_act="gelu_pytorch_tanh",
+        latent_patch_size=2,
+        **tables,
+    )
+
+
+APP_TABLES = {"vit_max_num_patch_per_side": 70, "max_latent_size": 64}  # app.py's position-table sides
+
+
+def build_official(
+    model_dir: Path, official: Official, vae_sample: bool = False, tables: dict = APP_TABLES
+) -> Bundle:
     """Build model, VAE, tokenizer, transforms and InterleaveInferencer from an official model folder."""
     from accelerate import init_empty_weights
 
@@ -290,17 +309,7 @@ def build_official(model_dir: Path, official: Official, vae_sample: bool = False
     vae_model.reg.sample = vae_sample
     vae_model = vae_model.to(torch.float32).eval()
 
-    config = ob.BagelConfig(
-        visual_gen=True,
-        visual_und=True,
-        llm_config=llm_config,
-        vit_config=vit_config,
-        vae_config=vae_config,
-        vit_max_num_patch_per_side=70,
-        connector_act="gelu_pytorch_tanh",
-        latent_patch_size=2,
-        max_latent_size=64,
-    )
+    config = official_config(ob, llm_config, vit_config, vae_config, **tables)
     # Same as app.py: construct on the meta device, convert the ViT patch conv to a Linear, then load
     # ema.safetensors (app.py uses accelerate's load_checkpoint_and_dispatch in bf16; we assign fp32).
     with init_empty_weights():

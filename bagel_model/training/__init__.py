@@ -10,5 +10,12 @@
 - `evaluate`: held-out capability accuracy through the real tasks and the shapes scorer;
 - `recipe`: `python -m bagel_model.training.recipe --out DIR` makes the bundled model.
 
-Nothing in `bagel_model` outside this package imports it.
+LoRA training of any BAGEL on a user's examples reuses `data` (plans, packing) and `losses`:
+
+- `folder`: a data folder (kohya layout) read into plans, every bad file named first;
+- `adapters`: LoRA factors hooked onto a frozen network, saved as PEFT adapters;
+- `finetune`: the training loop (`train_lora`), deterministic and resumable;
+- `plot`: the loss curve as a picture.
+
+Outside this package only the CLI (`train-lora`, `bench-shapes`) imports it, and the Train LoRA node.
 """
