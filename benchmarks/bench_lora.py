@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bagel_model import lora  # noqa: E402
 from bagel_model.bundled import default_model_dir  # noqa: E402
 from bagel_model.checkpoint import load  # noqa: E402
-from bagel_model.shapes import Obj, Scene, describe, read_scene, render, sample_scene  # noqa: E402
+from bagel_model.shapes import EDIT_KINDS, Obj, Scene, describe, read_scene, render, sample_edit, sample_scene  # noqa: E402
 from bagel_model.tasks import edit_image, generate_image  # noqa: E402
 from bagel_model.training.evaluate import CAPABILITIES, TABLE, evaluate  # noqa: E402
 from bagel_model.training.finetune import LoraSettings, train_lora  # noqa: E402
@@ -90,6 +90,23 @@ def write_data(folder: Path, concepts: list[str], n: int, size: int, seed: int) 
             (folder / f"mirror_{i:03d}.txt").write_text(MIRROR)
 
 
+def write_preservation(folder: Path, n: int, size: int, seed: int) -> None:
+    """Prior preservation (kohya's regularization images): n ordinary edits and n captions the model already
+    gets right, drawn by the world, so that an adapter for one instruction learns that instruction rather
+    than "always do this"."""
+    rng = random.Random(seed)
+    for i in range(n):
+        edit = None
+        while edit is None:
+            edit = sample_edit(sample_scene(rng), rng.choice(EDIT_KINDS), rng)
+        render(edit.before, size).save(folder / f"keep_edit_{i:03d}_src.png")
+        render(edit.after, size).save(folder / f"keep_edit_{i:03d}_tgt.png")
+        (folder / f"keep_edit_{i:03d}.txt").write_text(edit.instruction)
+        scene = sample_scene(rng)
+        render(scene, size).save(folder / f"keep_{i:03d}.png")
+        (folder / f"keep_{i:03d}.txt").write_text(describe(scene))
+
+
 def new_rows(model, n: int, size: int, seed: int) -> dict[str, float]:
     """Held-out accuracy of the two new capabilities (n cases each)."""
     rng = random.Random(seed)
@@ -115,6 +132,9 @@ def main() -> None:
     p.add_argument(
         "--concepts", default="azure,mirror", help="what the data folder teaches (comma-separated)"
     )
+    p.add_argument(
+        "--preserve", type=int, default=0, help="ordinary edits and captions added (prior preservation)"
+    )
     p.add_argument("--timestep-shift", type=float, default=LoraSettings.timestep_shift)
     p.add_argument("--batch", type=int, default=LoraSettings.batch)
     p.add_argument("--n", type=int, default=50, help="held-out cases per row")
@@ -127,6 +147,7 @@ def main() -> None:
     size = model.config.inference.default_height
     data = args.out / "data"
     write_data(data, args.concepts.split(","), args.examples, size, seed=1)
+    write_preservation(data, args.preserve, size, seed=2)
     examples = read_folder(data, model.config)
     report: dict = {"examples": examples.counts, "n": args.n}
 
