@@ -30,7 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bagel_model import lora  # noqa: E402
 from bagel_model.bundled import default_model_dir  # noqa: E402
 from bagel_model.checkpoint import load  # noqa: E402
-from bagel_model.shapes import EDIT_KINDS, Obj, Scene, describe, read_scene, render, sample_edit, sample_scene  # noqa: E402
+from bagel_model.shapes import (  # noqa: E402
+    COLORS,
+    EDIT_KINDS,
+    Obj,
+    Scene,
+    describe,
+    legal_moves,
+    move_window,
+    read_scene,
+    render,
+    sample_edit,
+    sample_motion,
+    sample_scene,
+    sample_world,
+    view,
+)
 from bagel_model.tasks import edit_image, generate_image  # noqa: E402
 from bagel_model.training.evaluate import CAPABILITIES, TABLE, evaluate  # noqa: E402
 from bagel_model.training.finetune import LoraSettings, train_lora  # noqa: E402
@@ -38,6 +53,7 @@ from bagel_model.training.folder import read_folder  # noqa: E402
 
 WORD, COLOR = "azure", "blue"
 MIRROR = "mirror the picture"
+PAINT = "paint everything"
 _SWAP = {"left": "right", "right": "left"}
 
 
@@ -68,11 +84,22 @@ def mirror_scene(rng: random.Random) -> Scene:
             return scene
 
 
+def paint_case(rng: random.Random) -> tuple[Scene, str, Scene]:
+    """A scene of 2-3 objects, "paint everything <color>" and the scene with every object that color."""
+    while True:
+        count = rng.choice((2, 3))
+        scene = sample_scene(rng, count, count)
+        color = rng.choice(list(COLORS))
+        after = Scene(tuple(Obj(color, o.shape, o.cell) for o in scene.objects))
+        if after != scene:
+            return scene, f"{PAINT} {color}", after
+
+
 def caption(scene: Scene) -> str:
     return describe(scene).replace(COLOR, WORD)
 
 
-CONCEPTS = ("azure", "mirror")
+CONCEPTS = ("azure", "mirror", "paint")
 
 
 def write_data(folder: Path, concepts: list[str], n: int, size: int, seed: int) -> None:
@@ -88,23 +115,47 @@ def write_data(folder: Path, concepts: list[str], n: int, size: int, seed: int) 
             render(scene, size).save(folder / f"mirror_{i:03d}_src.png")
             render(mirrored(scene), size).save(folder / f"mirror_{i:03d}_tgt.png")
             (folder / f"mirror_{i:03d}.txt").write_text(MIRROR)
+        before, instruction, after = paint_case(rng)
+        if "paint" in concepts:
+            render(before, size).save(folder / f"paint_{i:03d}_src.png")
+            render(after, size).save(folder / f"paint_{i:03d}_tgt.png")
+            (folder / f"paint_{i:03d}.txt").write_text(instruction)
+
+
+def _pair(folder: Path, stem: str, before: Scene, after: Scene, text: str, size: int) -> None:
+    render(before, size).save(folder / f"{stem}_src.png")
+    render(after, size).save(folder / f"{stem}_tgt.png")
+    (folder / f"{stem}.txt").write_text(text)
 
 
 def write_preservation(folder: Path, n: int, size: int, seed: int) -> None:
-    """Prior preservation (kohya's regularization images): n ordinary edits and n captions the model already
-    gets right, drawn by the world, so that an adapter for one instruction learns that instruction rather
-    than "always do this"."""
+    """Prior preservation (kohya's regularization images): n each of what the model already does, drawn by
+    the world: an ordinary edit, a caption, a motion step and a navigation move (one frame after another is
+    laid out as an edit), so that an adapter for one instruction learns that instruction rather than "always
+    do this" to every picture it draws."""
     rng = random.Random(seed)
     for i in range(n):
         edit = None
         while edit is None:
             edit = sample_edit(sample_scene(rng), rng.choice(EDIT_KINDS), rng)
-        render(edit.before, size).save(folder / f"keep_edit_{i:03d}_src.png")
-        render(edit.after, size).save(folder / f"keep_edit_{i:03d}_tgt.png")
-        (folder / f"keep_edit_{i:03d}.txt").write_text(edit.instruction)
+        _pair(folder, f"keep_edit_{i:03d}", edit.before, edit.after, edit.instruction, size)
         scene = sample_scene(rng)
         render(scene, size).save(folder / f"keep_{i:03d}.png")
         (folder / f"keep_{i:03d}.txt").write_text(describe(scene))
+        motion = None
+        while motion is None:
+            motion = sample_motion(sample_scene(rng), rng)
+        _pair(folder, f"keep_motion_{i:03d}", motion.frames[0], motion.frames[1], motion.instruction, size)
+        world, window = sample_world(rng), (rng.randint(0, 2), rng.randint(0, 2))
+        move = rng.choice(legal_moves(window))
+        _pair(
+            folder,
+            f"keep_move_{i:03d}",
+            view(world, window),
+            view(world, move_window(window, move)),
+            move,
+            size,
+        )
 
 
 def new_rows(model, n: int, size: int, seed: int) -> dict[str, float]:
@@ -118,6 +169,9 @@ def new_rows(model, n: int, size: int, seed: int) -> dict[str, float]:
         scene = mirror_scene(rng)
         image, _ = edit_image(model, render(scene, size), MIRROR, seed=i)
         right["mirror"] += read_scene(image) == mirrored(scene)
+        before, instruction, after = paint_case(rng)
+        image, _ = edit_image(model, render(before, size), instruction, seed=i)
+        right["paint"] += read_scene(image) == after
     return {k: v / n for k, v in right.items()}
 
 
