@@ -31,7 +31,7 @@ from bagel_model import lora  # noqa: E402
 from bagel_model.bundled import default_model_dir  # noqa: E402
 from bagel_model.checkpoint import load  # noqa: E402
 from bagel_model.shapes import EDIT_KINDS, Obj, Scene, describe, read_scene, render, sample_edit, sample_scene  # noqa: E402
-from bagel_model.tasks import edit_image, generate_image  # noqa: E402
+from bagel_model.tasks import edit_images, generate_images  # noqa: E402
 from bagel_model.training.evaluate import CAPABILITIES, TABLE, evaluate  # noqa: E402
 from bagel_model.training.finetune import LoraSettings, train_lora  # noqa: E402
 from bagel_model.training.folder import read_folder  # noqa: E402
@@ -113,10 +113,10 @@ def new_rows(model, n: int, size: int, seed: int) -> dict[str, float]:
     right = dict.fromkeys(CONCEPTS, 0)
     for i in range(n):
         scene = azure_scene(rng)
-        image, _ = generate_image(model, caption(scene), seed=i)
+        image = generate_images(model, caption(scene), seed=i).images[0]
         right["azure"] += read_scene(image) == scene
         scene = mirror_scene(rng)
-        image, _ = edit_image(model, render(scene, size), MIRROR, seed=i)
+        image = edit_images(model, [render(scene, size)], MIRROR, seed=i).images[0]
         right["mirror"] += read_scene(image) == mirrored(scene)
     return {k: v / n for k, v in right.items()}
 
