@@ -69,7 +69,7 @@ def _read_latents(path: str | None) -> torch.Tensor | None:
         raise ValueError(f"--latents {path} is not a readable safetensors file ({e})") from None
     if "latents" not in tensors:
         raise ValueError(f"--latents {path} holds {sorted(tensors)}, not a tensor named 'latents'")
-    return tensors["latents"]
+    return tensors["latents"].unsqueeze(0)  # the file holds one image's latents; the tasks take a batch
 
 
 def _model(args: argparse.Namespace) -> BagelModel:
@@ -221,7 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> Output:
     start = time.perf_counter()
     thought, ctx = _maybe_think(args, model)
     prompt = None if ctx else args.prompt
-    image, _ = tasks.generate_image(model, prompt, context=ctx, append_result=False, **knobs)
+    image = tasks.generate_images(model, prompt, context=ctx, append_result=False, **knobs).images[0]
     return _image_output(args, image, thought, start)
 
 
@@ -232,10 +232,10 @@ def cmd_edit(args: argparse.Namespace) -> Output:
     start = time.perf_counter()
     thought, ctx = _maybe_think(args, model, image=source)
     if ctx is None:
-        image, _ = tasks.edit_image(model, source, args.prompt, append_result=False, **knobs)
+        out = tasks.edit_images(model, [source], args.prompt, append_result=False, **knobs)
     else:  # the plan's context already holds the image and the instruction
-        image, _ = tasks.edit_image(model, None, None, context=ctx, append_result=False, **knobs)
-    return _image_output(args, image, thought, start)
+        out = tasks.edit_images(model, None, None, context=ctx, append_result=False, **knobs)
+    return _image_output(args, out.images[0], thought, start)
 
 
 def _frame_prompts(prompts: list[str], frames: int | None) -> list[str]:
@@ -310,7 +310,7 @@ def cmd_demo(args: argparse.Namespace) -> Output:
     edit_steps = flow_settings(EDIT_SETTINGS, steps=args.steps or 20)
     prompt = "a red circle at the top left, a blue square at the center"
     t0 = time.perf_counter()
-    t2i, _ = tasks.generate_image(model, prompt, settings=steps, seed=args.seed, **size)
+    t2i = tasks.generate_images(model, prompt, settings=steps, seed=args.seed, **size).images[0]
     answer, _ = tasks.understand(
         model,
         "describe the image.",
@@ -321,8 +321,11 @@ def cmd_demo(args: argparse.Namespace) -> Output:
     thought, plan = tasks.think(
         model, "draw a shape with three corners in the color of the sky at the center"
     )
-    planned, _ = tasks.generate_image(model, None, context=plan, settings=steps, seed=args.seed, **size)
-    edited, _ = tasks.edit_image(model, t2i, "make the circle green", settings=edit_steps, seed=args.seed)
+    drawn = tasks.generate_images(model, None, context=plan, settings=steps, seed=args.seed, **size)
+    planned = drawn.images[0]
+    edited = tasks.edit_images(
+        model, [t2i], "make the circle green", settings=edit_steps, seed=args.seed
+    ).images[0]
     (frames,), _ = tasks.generate_sequences(
         model, ["the red circle moves right"] * 2, image=t2i, settings=edit_steps, seed=args.seed
     )

@@ -15,7 +15,6 @@ Thinking system prompts are the official strings, byte for byte (BAGEL_REFERENCE
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from PIL import Image
@@ -189,15 +188,6 @@ def generate_images(
     return render(model, [ctx] * batch_size, request, callback=callback, append_result=append_result)
 
 
-def generate_image(
-    model: BagelModel, prompt: str | None, *, latents: torch.Tensor | None = None, **options: Any
-) -> tuple[Image.Image, Context]:
-    """`generate_images` for a batch of one, its result unpacked as (image, context); explicit `latents`
-    are (z, H/8, W/8). Not a second implementation: every option is `generate_images`'s, by name."""
-    out = generate_images(model, prompt, latents=_one(latents), **options)
-    return out.images[0], out.contexts[0]
-
-
 def edit_images(
     model: BagelModel,
     images: list[Image.Image] | None,
@@ -252,28 +242,6 @@ def edit_images(
         h if height is None else height, w if width is None else width, settings, seed, latents
     )
     return render(model, contexts, request, callback=callback, append_result=append_result)
-
-
-def edit_image(
-    model: BagelModel,
-    image: Image.Image | None,
-    instruction: str | None,
-    *,
-    latents: torch.Tensor | None = None,
-    **options: Any,
-) -> tuple[Image.Image, Context]:
-    """`edit_images` of one image (or, with `image=None`, of the context's latest image), its result
-    unpacked as (image, context); explicit `latents` are (z, H/8, W/8). Every option is `edit_images`'s,
-    by name."""
-    out = edit_images(
-        model, None if image is None else [image], instruction, latents=_one(latents), **options
-    )
-    return out.images[0], out.contexts[0]
-
-
-def _one(latents: torch.Tensor | None) -> torch.Tensor | None:
-    """One image's latents (z, H/8, W/8) as a batch of one."""
-    return None if latents is None else latents.unsqueeze(0)
 
 
 def check_image_latents(model: BagelModel, latents: torch.Tensor) -> None:

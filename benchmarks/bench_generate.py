@@ -87,12 +87,12 @@ def in_process(model_dir: str, size: int, steps: int, device: str, compile_layer
     dev = model.device
     counter = _count_passes(model)
     rows = []
-    source, _ = tasks.generate_image(
+    source = tasks.generate_images(
         model, PROMPT, height=size, width=size, settings=FlowSettings(num_steps=2)
-    )
+    ).images[0]
     jobs = {
-        "t2i": lambda s: tasks.generate_image(model, PROMPT, height=size, width=size, settings=s, seed=1),
-        "edit": lambda s: tasks.edit_image(model, source, "make the circle green", settings=s, seed=1),
+        "t2i": lambda s: tasks.generate_images(model, PROMPT, height=size, width=size, settings=s, seed=1),
+        "edit": lambda s: tasks.edit_images(model, [source], "make the circle green", settings=s, seed=1),
     }
     paths = {**PATHS, COMPILED: PATHS["plain"]} if compile_layers else PATHS
     for name, base in (("t2i", NOTEBOOK_T2I), ("edit", EDIT_SETTINGS)):
@@ -112,7 +112,7 @@ def in_process(model_dir: str, size: int, steps: int, device: str, compile_layer
             counter[0] = 0
             _sync(dev)
             start = time.perf_counter()
-            image, _ = jobs[name](settings)
+            image = jobs[name](settings).images[0]
             _sync(dev)
             seconds = time.perf_counter() - start
             pixels = np.asarray(image, dtype=np.int16)

@@ -46,7 +46,7 @@ from bagel_model.shapes import (  # noqa: E402
     sample_world,
     view,
 )
-from bagel_model.tasks import edit_image, generate_image  # noqa: E402
+from bagel_model.tasks import edit_images, generate_images  # noqa: E402
 from bagel_model.training.evaluate import CAPABILITIES, TABLE, evaluate  # noqa: E402
 from bagel_model.training.finetune import LoraSettings, train_lora  # noqa: E402
 from bagel_model.training.folder import read_folder  # noqa: E402
@@ -130,15 +130,19 @@ def _pair(folder: Path, stem: str, before: Scene, after: Scene, text: str, size:
 
 def write_preservation(folder: Path, n: int, size: int, seed: int) -> None:
     """Prior preservation (kohya's regularization images): n each of what the model already does, drawn by
-    the world: an ordinary edit, a caption, a motion step and a navigation move (one frame after another is
-    laid out as an edit), so that an adapter for one instruction learns that instruction rather than "always
-    do this" to every picture it draws."""
+    the world: an ordinary edit, a recolor, a caption, a motion step and a navigation move (one frame after
+    another is laid out as an edit), so that an adapter for one instruction learns that instruction rather
+    than "always do this" to every picture it draws."""
     rng = random.Random(seed)
     for i in range(n):
         edit = None
         while edit is None:
             edit = sample_edit(sample_scene(rng), rng.choice(EDIT_KINDS), rng)
         _pair(folder, f"keep_edit_{i:03d}", edit.before, edit.after, edit.instruction, size)
+        recolor = None  # the instruction closest to painting everything: recolor one object
+        while recolor is None:
+            recolor = sample_edit(sample_scene(rng), "recolor", rng)
+        _pair(folder, f"keep_recolor_{i:03d}", recolor.before, recolor.after, recolor.instruction, size)
         scene = sample_scene(rng)
         render(scene, size).save(folder / f"keep_{i:03d}.png")
         (folder / f"keep_{i:03d}.txt").write_text(describe(scene))
@@ -164,13 +168,13 @@ def new_rows(model, n: int, size: int, seed: int) -> dict[str, float]:
     right = dict.fromkeys(CONCEPTS, 0)
     for i in range(n):
         scene = azure_scene(rng)
-        image, _ = generate_image(model, caption(scene), seed=i)
+        image = generate_images(model, caption(scene), seed=i).images[0]
         right["azure"] += read_scene(image) == scene
         scene = mirror_scene(rng)
-        image, _ = edit_image(model, render(scene, size), MIRROR, seed=i)
+        image = edit_images(model, [render(scene, size)], MIRROR, seed=i).images[0]
         right["mirror"] += read_scene(image) == mirrored(scene)
         before, instruction, after = paint_case(rng)
-        image, _ = edit_image(model, render(before, size), instruction, seed=i)
+        image = edit_images(model, [render(before, size)], instruction, seed=i).images[0]
         right["paint"] += read_scene(image) == after
     return {k: v / n for k, v in right.items()}
 

@@ -44,7 +44,7 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     model = bagel_model.load(bundled.default_model_dir(), device=args.device)
-    image, _ = tasks.generate_image(model, PICTURE, settings=flow_settings(T2I_SETTINGS, steps=12))
+    image = tasks.generate_images(model, PICTURE, settings=flow_settings(T2I_SETTINGS, steps=12)).images[0]
     question = "describe the image."
     runs = {
         "understand": lambda callback: tasks.understand(model, question, image=image, callback=callback),

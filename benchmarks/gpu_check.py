@@ -304,14 +304,15 @@ def run_task(run: Run, model, counter: list[int], task: str, batched: bool | Non
         return out
     settings = settings_for(task, steps, batched)
     if task == "edit":
-        result, _ = tasks.edit_image(
-            model, image, EDIT, settings=settings, seed=1, callback=run.clock(start), append_result=False
+        drawn = tasks.edit_images(
+            model, [image], EDIT, settings=settings, seed=1, callback=run.clock(start), append_result=False
         )
     else:
-        result, _ = tasks.generate_image(
+        drawn = tasks.generate_images(
             model, PROMPT, height=size, width=size, settings=settings, seed=1, callback=run.clock(start),
             append_result=False,
         )  # fmt: skip
+    result = drawn.images[0]
     _sync(run.device)
     seconds = time.perf_counter() - start
     stride = model.config.latent_downsample
@@ -504,22 +505,22 @@ def official_row(run: Run) -> None:
     folder = checkpoint_folder(run, model)
     size, steps = run.args.size, run.args.steps
     cfg = run.config
-    noise = torch.randn(
-        cfg.latent_channels, size // cfg.vae.downsample, size // cfg.vae.downsample,
+    noise = torch.randn(  # one image's noise as a batch of one, the same values either way
+        1, cfg.latent_channels, size // cfg.vae.downsample, size // cfg.vae.downsample,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     latents = folder / "latents.safetensors"
-    save_file({"latents": noise}, str(latents))
+    save_file({"latents": noise[0]}, str(latents))  # the CLI's --latents file holds one image's
     settings = t2i_settings(steps)
     model.net.attn_backend = "sdpa"
-    tasks.generate_image(
+    tasks.generate_images(
         model, PROMPT, height=size, width=size, settings=t2i_settings(2), latents=noise, append_result=False
     )  # warm-up
     _sync(run.device)
     start = time.perf_counter()
-    ours, _ = tasks.generate_image(
+    ours = tasks.generate_images(
         model, PROMPT, height=size, width=size, settings=settings, latents=noise, append_result=False
-    )
+    ).images[0]
     _sync(run.device)
     ours_seconds = time.perf_counter() - start
     del model
@@ -718,17 +719,17 @@ def budget_row(run: Run, row: str, pack: Pack) -> None:
         }
         size, steps = run.args.size, run.args.steps
         settings = replace(lib.T2I_SETTINGS, num_steps=steps)
-        lib.generate_image(
+        lib.generate_images(
             model, PROMPT, height=size, width=size, settings=replace(settings, num_steps=2), seed=1,
             append_result=False,
         )  # warm-up  # fmt: skip
         reset_peak(run)
         start = time.perf_counter()
         try:
-            result, _ = lib.generate_image(
+            result = lib.generate_images(
                 model, PROMPT, height=size, width=size, settings=settings, seed=1, callback=run.clock(start),
                 append_result=False,
-            )  # fmt: skip
+            ).images[0]  # fmt: skip
         except TimeLimit as stop:
             partial = {"status": f"stopped by the time limit after {stop.done} of {stop.total} steps"}
             if stop.done:

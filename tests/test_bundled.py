@@ -51,7 +51,7 @@ def test_the_bundled_folder_is_the_default_small_and_documented():
 def test_loading_and_drawing_one_scene_takes_seconds():
     start = time.perf_counter()
     model = bagel_model.load(default_model_dir())
-    image, _ = tasks.generate_image(model, "a green square at the bottom right", seed=0)  # 50 steps
+    image = tasks.generate_images(model, "a green square at the bottom right", seed=0).images[0]  # 50 steps
     seconds = time.perf_counter() - start
     assert image.size == (48, 48)
     assert seconds < 30, f"{seconds:.1f} s"  # about 1 s on one core; the bound only catches a regression
@@ -62,7 +62,7 @@ def test_loading_and_drawing_one_scene_takes_seconds():
     ["a green square at the bottom right", "a red circle at the top left, a blue square at the center"],
 )
 def test_draws_the_scene_it_is_asked_for(bundled, prompt):
-    image, _ = tasks.generate_image(bundled, prompt, seed=0)
+    image = tasks.generate_images(bundled, prompt, seed=0).images[0]
     assert scene_matches(read_scene(image), parse_description(prompt))
 
 
@@ -77,7 +77,7 @@ def test_thinks_before_drawing_an_indirect_prompt(bundled):
         bundled, "draw a shape with three corners in the color of the sky at the center"
     )
     assert thought.endswith("</think> a blue triangle at the center")
-    image, _ = tasks.generate_image(bundled, None, context=plan, seed=0)
+    image = tasks.generate_images(bundled, None, context=plan, seed=0).images[0]
     assert scene_matches(read_scene(image), parse_description("a blue triangle at the center"))
 
 
@@ -86,5 +86,5 @@ def test_edits_one_object_and_leaves_the_others(bundled):
     one known-good edit, not a claim about the rate."""
     before = Scene((Obj("red", "circle", "top left"), Obj("blue", "square", "center")))
     after = Scene((Obj("red", "circle", "top left"),))
-    edited, _ = tasks.edit_image(bundled, render(before), "remove the square", seed=0)
+    edited = tasks.edit_images(bundled, [render(before)], "remove the square", seed=0).images[0]
     assert edit_correct(before, read_scene(edited), after)

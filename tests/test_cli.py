@@ -109,9 +109,9 @@ def test_generate(capsys, tmp_path, tiny_dir, tiny_model, pixels):
     assert out["seconds"] >= 0
     with Image.open(path) as im:
         assert im.size == (64, 64)
-    expected, _ = tasks.generate_image(
+    expected = tasks.generate_images(
         tiny_model, P, height=64, width=64, settings=FlowSettings(num_steps=3), seed=2
-    )
+    ).images[0]
     assert np.array_equal(pixels(path), pixels(expected))
 
 
@@ -123,7 +123,7 @@ def test_generate_options_reach_the_sampler(capsys, tmp_path, tiny_dir, tiny_mod
         "--timestep-shift", 2.0, "--renorm-type", "channel", "--renorm-min", 0.1,
     )  # fmt: skip
     settings = FlowSettings(3, 3.0, 1.5, (0.0, 1.0), 2.0, "channel", 0.1)
-    expected, _ = tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings)
+    expected = tasks.generate_images(tiny_model, P, height=64, width=96, settings=settings).images[0]
     assert np.array_equal(pixels(path), pixels(expected))
 
 
@@ -136,8 +136,10 @@ def test_generate_with_latents(capsys, tmp_path, tiny_dir, tiny_model, pixels):
         "--steps", 3, "--latents", tmp_path / "noise.safetensors",
     )  # fmt: skip
     settings = FlowSettings(num_steps=3)
-    expected, _ = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, latents=latents)
-    seeded, _ = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, seed=0)
+    expected = tasks.generate_images(
+        tiny_model, P, height=64, width=64, settings=settings, latents=latents[None]
+    ).images[0]
+    seeded = tasks.generate_images(tiny_model, P, height=64, width=64, settings=settings, seed=0).images[0]
     assert np.array_equal(pixels(path), pixels(expected))
     assert not np.array_equal(pixels(path), pixels(seeded))
 
@@ -150,7 +152,9 @@ def test_generate_think(capsys, tmp_path, tiny_dir, tiny_model, pixels):
     )  # fmt: skip
     thought, ctx = tasks.think(tiny_model, P, settings=tasks.TextSettings(4))
     assert out["thought"] == thought and thought.strip()
-    expected, _ = tasks.generate_image(tiny_model, None, context=ctx, settings=FlowSettings(num_steps=3))
+    expected = tasks.generate_images(
+        tiny_model, None, context=ctx, settings=FlowSettings(num_steps=3)
+    ).images[0]
     assert np.array_equal(pixels(path), pixels(expected))
 
 
@@ -164,7 +168,7 @@ def test_edit(capsys, tmp_path, tiny_dir, tiny_model, picture_file, pixels):
     with Image.open(picture_file) as im:
         source = im.convert("RGB")
     settings = FlowSettings(**{**vars(EDIT_SETTINGS), "num_steps": 3})
-    expected, _ = tasks.edit_image(tiny_model, source, "make the circle green", settings=settings)
+    expected = tasks.edit_images(tiny_model, [source], "make the circle green", settings=settings).images[0]
     assert expected.size == (64, 64)
     assert np.array_equal(pixels(path), pixels(expected))
 

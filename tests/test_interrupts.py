@@ -79,9 +79,9 @@ def test_an_interrupted_token_leaves_the_context_and_the_retry_is_the_same(tiny_
 def test_an_interrupted_denoising_step_leaves_the_context_and_the_retry_is_the_same(tiny_model, base):
     settings = FlowSettings(num_steps=4)
     before = snapshot(base)
-    reference, _ = bagel_model.generate_image(tiny_model, "", context=base, settings=settings, seed=5)
+    reference = bagel_model.generate_images(tiny_model, "", context=base, settings=settings, seed=5).images[0]
     with interrupt_at(tiny_model, 1, 4), pytest.raises(Interrupted):
-        bagel_model.generate_image(tiny_model, "", context=base, settings=settings, seed=5)
+        bagel_model.generate_images(tiny_model, "", context=base, settings=settings, seed=5)
     assert unchanged(base, before)
-    image, _ = bagel_model.generate_image(tiny_model, "", context=base, settings=settings, seed=5)
+    image = bagel_model.generate_images(tiny_model, "", context=base, settings=settings, seed=5).images[0]
     assert image.tobytes() == reference.tobytes()

@@ -73,9 +73,10 @@ for info in pkgutil.walk_packages(bagel_model.__path__, "bagel_model."):
         importlib.import_module(info.name)
 
 model = bagel_model.load(bundled.default_model_dir())
-image, context = bagel_model.generate_image(
+out = bagel_model.generate_images(
     model, "a red circle at the top left", settings=bagel_model.FlowSettings(num_steps=3), seed=0
 )
+image, context = out.images[0], out.contexts[0]
 answer, _ = bagel_model.understand(
     model, "what is at the top left?", context=context, settings=bagel_model.TextSettings(max_new_tokens=4)
 )

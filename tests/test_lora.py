@@ -47,10 +47,9 @@ Q = "language_model.model.layers.0.self_attn.q_proj_moe_gen"  # a (192, 192) lin
 
 
 def draw(model: bagel_model.BagelModel):
-    image, _ = bagel_model.generate_image(
+    return bagel_model.generate_images(
         model, PROMPT, settings=flow_settings(T2I_SETTINGS, steps=STEPS), seed=SEED
-    )
-    return image
+    ).images[0]
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +121,12 @@ def test_stacked_adapters_add_up(tmp_path, base, factors, adapter_dir, pixels):
 
 
 def test_contexts_of_the_base_model_are_refused_by_the_adapted_one(base, adapter_dir):
-    _, context = bagel_model.generate_image(base, PROMPT, settings=flow_settings(T2I_SETTINGS, steps=2))
+    context = bagel_model.generate_images(
+        base, PROMPT, settings=flow_settings(T2I_SETTINGS, steps=2)
+    ).contexts[0]
     adapted = lora.apply(base, lora.read(adapter_dir))
     with pytest.raises(bagel_model.ContextError, match="built by another model"):
-        bagel_model.edit_image(adapted, None, "make it blue", context=context)
+        bagel_model.edit_images(adapted, None, "make it blue", context=context)
 
 
 # -- formats --------------------------------------------------------------------------------------------

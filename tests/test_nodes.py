@@ -783,7 +783,9 @@ def test_edit_of_a_latent_uses_it_as_is_for_the_image_tokens(model):
     z = bagel.vae.from_raw(latent["samples"])[0]
     expected_ctx = lib.Context.empty(bagel).append_image(bagel.decode_latent(z), latent=z)
     settings = sampler_settings("BAGELEdit")
-    expected, _ = lib.edit_image(bagel, None, "make it blue", context=expected_ctx, settings=settings, seed=6)
+    expected = lib.edit_images(
+        bagel, None, "make it blue", context=expected_ctx, settings=settings, seed=6
+    ).images[0]
     assert torch.equal(edited, images.to_image([expected]))
     assert [s.kind for s in ctx.cond.segments] == ["vae", "vit", "text", "vae", "vit"]
     assert out_latent["samples"].shape == latent["samples"].shape
@@ -867,7 +869,7 @@ def test_context_add_images_and_text_equal_the_same_appends_in_the_library(model
 
     drawn, *_ = run("BAGELTextToImage", model=model, prompt="", context=ctx, seed=3)["result"]
     settings = sampler_settings("BAGELTextToImage")
-    library, _ = lib.generate_image(bagel, None, context=expected, settings=settings, seed=3)
+    library = lib.generate_images(bagel, None, context=expected, settings=settings, seed=3).images[0]
     assert torch.equal(drawn, images.to_image([library]))
 
 

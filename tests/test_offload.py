@@ -23,8 +23,10 @@ def test_disk_offload_gives_the_resident_image_and_answer(tmp_path, pixels):
     resident = bagel_model.load(default_model_dir())
     offloaded = bagel_model.load(default_model_dir(), max_memory={"cpu": "4MiB"}, offload_folder=tmp_path)
     assert "disk" in offloaded.net.hf_device_map.values()  # most layers really left memory
-    a, ctx_a = bagel_model.generate_image(resident, P, settings=FAST, seed=2)
-    b, ctx_b = bagel_model.generate_image(offloaded, P, settings=FAST, seed=2)
+    out = bagel_model.generate_images(resident, P, settings=FAST, seed=2)
+    a, ctx_a = out.images[0], out.contexts[0]
+    out = bagel_model.generate_images(offloaded, P, settings=FAST, seed=2)
+    b, ctx_b = out.images[0], out.contexts[0]
     assert np.abs(pixels(a) - pixels(b)).max() <= 1
     question = "what color is the circle?"
     assert (

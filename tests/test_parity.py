@@ -52,7 +52,8 @@ def _settings(r: dict) -> FlowSettings:
 
 
 def _latents(ref, name):
-    return load_file(str(ref / f"{name}_latents.safetensors"))["latents"]
+    """The official run's initial noise (z, H/8, W/8) as a batch of one."""
+    return load_file(str(ref / f"{name}_latents.safetensors"))["latents"][None]
 
 
 def _assert_image_close(pixels, out: Image.Image, ref_path, tol: int = 1) -> None:
@@ -76,23 +77,23 @@ def test_understand(parity_model, results, input_image, think):
 
 def test_t2i(parity_model, results, ref, pixels):
     r = results["t2i"]
-    image, _ = tasks.generate_image(
+    image = tasks.generate_images(
         parity_model,
         r["prompt"],
         height=r["height"],
         width=r["width"],
         settings=_settings(r),
         latents=_latents(ref, "t2i"),
-    )
+    ).images[0]
     assert image.size == (r["width"], r["height"])
     _assert_image_close(pixels, image, ref / "t2i.png")
 
 
 def test_edit(parity_model, results, ref, input_image, pixels):
     r = results["edit"]
-    image, _ = tasks.edit_image(
-        parity_model, input_image, r["prompt"], settings=_settings(r), latents=_latents(ref, "edit")
-    )
+    image = tasks.edit_images(
+        parity_model, [input_image], r["prompt"], settings=_settings(r), latents=_latents(ref, "edit")
+    ).images[0]
     # the output size is the input's size after the official VAE resize (shared: 200x150 -> 688x512)
     assert image.size == (r["width"], r["height"])
     _assert_image_close(pixels, image, ref / "edit.png")
@@ -102,7 +103,7 @@ def test_think_t2i(parity_model, results, ref, pixels):
     r = results["think_t2i"]
     thought, ctx = tasks.think(parity_model, r["prompt"], settings=tasks.TextSettings(max_new_tokens=9))
     assert thought == r["thought"]
-    image, _ = tasks.generate_image(
+    image = tasks.generate_images(
         parity_model,
         None,
         context=ctx,
@@ -110,5 +111,5 @@ def test_think_t2i(parity_model, results, ref, pixels):
         width=r["width"],
         settings=_settings(r),
         latents=_latents(ref, "think_t2i"),
-    )
+    ).images[0]
     _assert_image_close(pixels, image, ref / "think_t2i.png")

@@ -43,8 +43,8 @@ def test_fp8_model_generates_nearly_the_same_image(tiny_dir, tiny_model, pixels)
     fp8 = bagel_model.load(tiny_dir, weights="fp8")
     assert isinstance(fp8.net.language_model.model.layers[0].mlp_moe_gen.up_proj, Fp8Linear)
     settings = FlowSettings(num_steps=4)
-    a, _ = tasks.generate_image(tiny_model, "a red circle at the top", settings=settings, seed=3)
-    b, _ = tasks.generate_image(fp8, "a red circle at the top", settings=settings, seed=3)
+    a = tasks.generate_images(tiny_model, "a red circle at the top", settings=settings, seed=3).images[0]
+    b = tasks.generate_images(fp8, "a red circle at the top", settings=settings, seed=3).images[0]
     diff = np.abs(pixels(a) - pixels(b))
     assert diff.mean() < 2.0 and diff.max() <= 16
 
@@ -64,8 +64,8 @@ def test_bitsandbytes_modes_store_less_and_draw_nearly_the_same(tiny_dir, tiny_m
     stored = layer.inner.weight
     assert stored.numel() * stored.element_size() <= native.numel() * {"nf4": 0.5, "int8": 1}[mode]
     settings = FlowSettings(num_steps=4)
-    a, _ = tasks.generate_image(tiny_model, "a red circle at the top", settings=settings, seed=3)
-    b, _ = tasks.generate_image(model, "a red circle at the top", settings=settings, seed=3)
+    a = tasks.generate_images(tiny_model, "a red circle at the top", settings=settings, seed=3).images[0]
+    b = tasks.generate_images(model, "a red circle at the top", settings=settings, seed=3).images[0]
     assert 0 < np.abs(pixels(a) - pixels(b)).mean() < max_mean  # really quantized, and close
     answer, _ = tasks.understand(model, "what is in the image?", image=a)  # one-token rows through the head
     assert isinstance(answer, str)

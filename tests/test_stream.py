@@ -28,10 +28,9 @@ def model() -> BagelModel:
 
 @pytest.fixture(scope="module")
 def drawn(model):
-    image, _ = tasks.generate_image(
+    return tasks.generate_images(
         model, "a green triangle at the center", settings=flow_settings(T2I_SETTINGS, steps=12)
-    )
-    return image
+    ).images[0]
 
 
 def texts_of(calls: list[tuple]) -> list[str]:

@@ -93,9 +93,9 @@ def test_denoise_pass_count(tiny_model, t2i_ctx, edit_ctx, count_passes, which, 
 
 
 def test_generate_image_passes(tiny_model, count_passes):
-    """generate_image: one prefill for the prompt, the sampler's passes, then the image's VAE and ViT."""
+    """generate_images: one prefill for the prompt, the sampler's passes, then the image's VAE and ViT."""
     settings = six(cfg_text_scale=4.0, cfg_img_scale=2.0)
-    tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings)
+    tasks.generate_images(tiny_model, P, height=64, width=64, settings=settings)
     assert len(count_passes) == 1 + 5 + 2  # a step's CFG branches run as one forward
 
 
@@ -261,13 +261,14 @@ def test_think_modes(tiny_model, picture, mode, image_kinds):
 def test_think_then_generate(tiny_model, pixels):
     thought, ctx = tasks.think(tiny_model, P, settings=SHORT)
     assert [s.text for s in ctx.cond.segments] == [GEN_THINK_SYSTEM_PROMPT, P, thought]
-    image, out = tasks.generate_image(tiny_model, None, context=ctx, settings=T2I)
+    drawn = tasks.generate_images(tiny_model, None, context=ctx, settings=T2I)
+    image, out = drawn.images[0], drawn.contexts[0]
     assert image.size == (64, 64)
     assert _kinds(out.cond) == ["text", "text", "text", "vae", "vit"]
     # the plan changes the image
-    plain, _ = tasks.generate_image(
+    plain = tasks.generate_images(
         tiny_model, None, context=Context.empty(tiny_model).append_text(P), settings=T2I
-    )
+    ).images[0]
     assert np.abs(pixels(image) - pixels(plain)).max() > 0
 
 
@@ -306,9 +307,10 @@ def test_text_settings_validation():
 
 
 def test_generate_image_seed_and_context(tiny_model, pixels):
-    a, ctx = tasks.generate_image(tiny_model, P, settings=T2I, seed=3)
-    b, _ = tasks.generate_image(tiny_model, P, settings=T2I, seed=3)
-    c, _ = tasks.generate_image(tiny_model, P, settings=T2I, seed=4)
+    out = tasks.generate_images(tiny_model, P, settings=T2I, seed=3)
+    a, ctx = out.images[0], out.contexts[0]
+    b = tasks.generate_images(tiny_model, P, settings=T2I, seed=3).images[0]
+    c = tasks.generate_images(tiny_model, P, settings=T2I, seed=4).images[0]
     assert a.size == (64, 64) and a.mode == "RGB"
     assert np.array_equal(pixels(a), pixels(b))
     assert not np.array_equal(pixels(a), pixels(c))
@@ -322,41 +324,43 @@ def test_generate_image_seed_and_context(tiny_model, pixels):
 
 def test_generate_image_latents_override_seed(tiny_model, pixels):
     settings = T2I
-    seeded, _ = tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings, seed=0)
+    seeded = tasks.generate_images(tiny_model, P, height=64, width=96, settings=settings, seed=0).images[0]
     assert seeded.size == (96, 64)
     # the seed's noise, handed over in the official latent layout [z, H/8, W/8], gives the same image
     noise = engine.initial_noise(tiny_model, 64, 96, 0, None)
     latents = unpatchify_latent(noise, 4, 6, 2, tiny_model.config.latent_channels)
     assert latents.shape == (16, 8, 12)
-    same, _ = tasks.generate_image(
-        tiny_model, P, height=64, width=96, settings=settings, seed=7, latents=latents
-    )
+    same = tasks.generate_images(
+        tiny_model, P, height=64, width=96, settings=settings, seed=7, latents=latents[None]
+    ).images[0]
     assert np.array_equal(pixels(same), pixels(seeded))
-    other, _ = tasks.generate_image(
-        tiny_model, P, height=64, width=96, settings=settings, seed=0, latents=torch.randn(16, 8, 12)
-    )
+    other = tasks.generate_images(
+        tiny_model, P, height=64, width=96, settings=settings, seed=0, latents=torch.randn(1, 16, 8, 12)
+    ).images[0]
     assert not np.array_equal(pixels(other), pixels(seeded))
     with pytest.raises(
         ValueError, match=r"latents have shape \[16, 12, 8\], expected \[16, 8, 12\] for 64x96"
     ):
-        tasks.generate_image(tiny_model, P, height=64, width=96, settings=settings, latents=latents.mT)
+        tasks.generate_images(tiny_model, P, height=64, width=96, settings=settings, latents=latents.mT[None])
 
 
 def test_edit_image_size_and_chain(tiny_model, pixels, picture):
     # 100x70 -> the tiny model's VAE rule (max 256, min 64, stride 16) -> 96x64
     source = picture.resize((100, 70))
-    edited, ctx = tasks.edit_image(tiny_model, source, E, settings=EDIT)
+    out = tasks.edit_images(tiny_model, [source], E, settings=EDIT)
+    edited, ctx = out.images[0], out.contexts[0]
     assert edited.size == (96, 64)
     assert _kinds(ctx.cond) == ["vae", "vit", "text", "vae", "vit"]
     assert ctx.image_size == (64, 96)
     # the edit uses the image
-    blank, _ = tasks.edit_image(tiny_model, Image.new("RGB", (100, 70), "white"), E, settings=EDIT)
+    blank = tasks.edit_images(tiny_model, [Image.new("RGB", (100, 70), "white")], E, settings=EDIT).images[0]
     assert not np.array_equal(pixels(edited), pixels(blank))
 
     # image=None edits the context's latest image, without re-encoding earlier turns
-    again, ctx2 = tasks.edit_image(
+    out = tasks.edit_images(
         tiny_model, None, "move the red circle to the bottom right", context=ctx, settings=EDIT
     )
+    again, ctx2 = out.images[0], out.contexts[0]
     assert again.size == (96, 64)
     n = len(ctx.cond.segments)
     assert all(a is b for a, b in zip(ctx2.cond.segments[:n], ctx.cond.segments, strict=True))
@@ -369,11 +373,13 @@ def test_edit_image_size_and_chain(tiny_model, pixels, picture):
 
 def test_edit_errors(tiny_model, picture):
     with pytest.raises(ValueError, match="edit needs an image, or a context that holds one"):
-        tasks.edit_image(tiny_model, None, E, settings=EDIT)
+        tasks.edit_images(tiny_model, None, E, settings=EDIT)
     with pytest.raises(ValueError, match="edit needs an image"):
-        tasks.edit_image(tiny_model, None, E, context=Context.empty(tiny_model).append_text(P), settings=EDIT)
+        tasks.edit_images(
+            tiny_model, None, E, context=Context.empty(tiny_model).append_text(P), settings=EDIT
+        )
     with pytest.raises(ValueError, match="the edit instruction is empty"):
-        tasks.edit_image(tiny_model, picture, "  ", settings=EDIT)
+        tasks.edit_images(tiny_model, [picture], "  ", settings=EDIT)
 
 
 def test_generate_sequence(tiny_model, pixels):
@@ -382,11 +388,11 @@ def test_generate_sequence(tiny_model, pixels):
     assert [f.size for f in frames] == [(64, 64), (64, 64)]
     assert _kinds(ctx.cond) == ["text", "vae", "vit"] * 2
     assert [s.text for s in ctx.cond.segments if s.kind == "text"] == prompts
-    # frame k is generate_image on the context so far, with seed + k
-    first, after_first = tasks.generate_image(tiny_model, prompts[0], settings=EDIT, seed=5)
-    second, _ = tasks.generate_image(tiny_model, prompts[1], context=after_first, settings=EDIT, seed=6)
-    assert np.array_equal(pixels(frames[0]), pixels(first))
-    assert np.array_equal(pixels(frames[1]), pixels(second))
+    # frame k is generate_images on the context so far, with seed + k
+    first = tasks.generate_images(tiny_model, prompts[0], settings=EDIT, seed=5)
+    second = tasks.generate_images(tiny_model, prompts[1], context=first.contexts[0], settings=EDIT, seed=6)
+    assert np.array_equal(pixels(frames[0]), pixels(first.images[0]))
+    assert np.array_equal(pixels(frames[1]), pixels(second.images[0]))
 
 
 def test_generate_sequence_from_image(tiny_model, picture):
@@ -406,7 +412,7 @@ def test_generate_sequence_from_image(tiny_model, picture):
     [(None, 32, (32, 64), (32, 64)), (32, None, (64, 32), (96, 32))],
 )
 def test_a_sequence_takes_a_lone_height_or_width(tiny_model, picture, height, width, from_text, from_image):
-    # as generate_image and edit_image do: the other side is the model's default, or the context's image's
+    # as generate_images and edit_images do: the other side is the model's default, or the context's image's
     prompts = ["the red circle moves right", "the red circle moves down"]
     (frames,), _ = tasks.generate_sequences(tiny_model, prompts, height=height, width=width, settings=EDIT)
     assert [f.size for f in frames] == [from_text] * 2
@@ -431,14 +437,14 @@ def test_a_sequence_takes_a_lone_height_or_width(tiny_model, picture, height, wi
 )
 def test_image_size_errors(tiny_model, height, width, message):
     with pytest.raises(ValueError, match=message):
-        tasks.generate_image(tiny_model, P, height=height, width=width, settings=T2I)
+        tasks.generate_images(tiny_model, P, height=height, width=width, settings=T2I)
 
 
 def test_empty_inputs(tiny_model):
     with pytest.raises(ValueError, match="the prompt is empty and there is no context to generate from"):
-        tasks.generate_image(tiny_model, "  ", settings=T2I)
+        tasks.generate_images(tiny_model, "  ", settings=T2I)
     with pytest.raises(ValueError, match="no context"):
-        tasks.generate_image(tiny_model, None, settings=T2I)
+        tasks.generate_images(tiny_model, None, settings=T2I)
     with pytest.raises(ValueError, match="the question is empty"):
         tasks.understand(tiny_model, "", settings=SHORT)
     with pytest.raises(ValueError, match="the instruction is empty"):
@@ -452,7 +458,7 @@ def test_empty_inputs(tiny_model):
     [
         (lambda m: tasks.understand(m, "a\ud800b", settings=SHORT), "the question"),
         (lambda m: tasks.think(m, "a\ud800b", settings=SHORT), "the instruction"),
-        (lambda m: tasks.generate_image(m, "a\ud800b", settings=T2I), "the prompt"),
+        (lambda m: tasks.generate_images(m, "a\ud800b", settings=T2I), "the prompt"),
         (lambda m: tasks.generate_sequences(m, ["x", "a\ud800b"], settings=EDIT), "the prompt"),
         (lambda m: Context.empty(m).append_text("a\ud800b"), "the text"),
     ],
@@ -467,7 +473,7 @@ def test_an_edit_instruction_with_a_lone_surrogate_is_refused(tiny_model, pictur
     with pytest.raises(
         ValueError, match=r"the edit instruction has a lone UTF-16 surrogate U\+DC00 at character 1"
     ):
-        tasks.edit_image(tiny_model, picture, "\udc00", settings=EDIT)
+        tasks.edit_images(tiny_model, [picture], "\udc00", settings=EDIT)
 
 
 # -- interruption -------------------------------------------------------------------------------------
@@ -494,15 +500,15 @@ def test_callback_exception_stops_generation(tiny_model, t2i_ctx, count_passes, 
     settings = six(cfg_text_scale=1.0)
     callback, seen = _stop_at(2)
     with pytest.raises(Interrupted):
-        tasks.generate_image(tiny_model, None, context=t2i_ctx, settings=settings, callback=callback)
+        tasks.generate_images(tiny_model, None, context=t2i_ctx, settings=settings, callback=callback)
     assert seen == [1, 2]
     assert len(count_passes) == 2  # stopped right away: no further step, no decode or append
     # the input context is untouched and still works
     assert t2i_ctx.cond.segments is segments
     assert (t2i_ctx.cond, t2i_ctx.uncond_text, t2i_ctx.uncond_img) == histories
     assert torch.equal(t2i_ctx.cond.segments[0].kv.k, k_before)
-    after, _ = tasks.generate_image(tiny_model, None, context=t2i_ctx, settings=settings)
-    fresh, _ = tasks.generate_image(tiny_model, P, settings=settings)
+    after = tasks.generate_images(tiny_model, None, context=t2i_ctx, settings=settings).images[0]
+    fresh = tasks.generate_images(tiny_model, P, settings=settings).images[0]
     assert np.array_equal(pixels(after), pixels(fresh))
 
 
@@ -523,8 +529,8 @@ def test_batched_cfg_branches_give_the_same_images(tiny_model, pixels):
         t2i = FlowSettings(num_steps=8, cfg_img_scale=2.0, batch_cfg=batch)
         edit = FlowSettings(num_steps=8, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), batch_cfg=batch)
         images = (
-            tasks.generate_image(tiny_model, P, settings=t2i, seed=5)[0],
-            tasks.edit_image(tiny_model, source, "make the circle green", settings=edit, seed=5)[0],
+            tasks.generate_images(tiny_model, P, settings=t2i, seed=5).images[0],
+            tasks.edit_images(tiny_model, [source], "make the circle green", settings=edit, seed=5).images[0],
         )
         if batch:
             batched = images
@@ -534,9 +540,11 @@ def test_batched_cfg_branches_give_the_same_images(tiny_model, pixels):
 
 def test_append_result_false_returns_the_context_the_image_came_from(tiny_model, count_passes, pixels):
     settings = six(cfg_text_scale=1.0)
-    kept, ctx = tasks.generate_image(tiny_model, P, settings=settings, seed=1)
+    out = tasks.generate_images(tiny_model, P, settings=settings, seed=1)
+    kept, ctx = out.images[0], out.contexts[0]
     count_passes.clear()
-    image, same = tasks.generate_image(tiny_model, P, settings=settings, seed=1, append_result=False)
+    out = tasks.generate_images(tiny_model, P, settings=settings, seed=1, append_result=False)
+    image, same = out.images[0], out.contexts[0]
     assert np.array_equal(pixels(image), pixels(kept))
     assert _kinds(same.cond) == ["text"] and _kinds(ctx.cond) == ["text", "vae", "vit"]
     assert len(count_passes) == 1 + 5  # the prompt and the steps; no encoding of the result
@@ -594,7 +602,8 @@ def test_a_batch_equals_one_by_one(tiny_model, pixels, batch):
     out = tasks.generate_images(tiny_model, P, height=64, width=64, settings=settings, seed=7, batch_size=3)
     assert len(out.images) == len(out.contexts) == 3 and out.latents.shape[0] == 3
     for b in range(3):
-        alone, ctx = tasks.generate_image(tiny_model, P, height=64, width=64, settings=settings, seed=7 + b)
+        one = tasks.generate_images(tiny_model, P, height=64, width=64, settings=settings, seed=7 + b)
+        alone, ctx = one.images[0], one.contexts[0]
         assert np.abs(pixels(out.images[b]) - pixels(alone)).max() <= 1
         assert out.contexts[b].tokens == ctx.tokens
     assert not np.array_equal(pixels(out.images[0]), pixels(out.images[1]))
@@ -604,7 +613,7 @@ def test_a_batch_of_images_is_edited_each_in_its_own_context(tiny_model, picture
     other = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     out = tasks.edit_images(tiny_model, [picture, other], E, settings=EDIT, seed=3)
     for b, source in enumerate((picture, other)):
-        alone, _ = tasks.edit_image(tiny_model, source, E, settings=EDIT, seed=3 + b)
+        alone = tasks.edit_images(tiny_model, [source], E, settings=EDIT, seed=3 + b).images[0]
         assert np.abs(pixels(out.images[b]) - pixels(alone)).max() <= 1
     with pytest.raises(
         ValueError, match="2 images to edit and batch_size 3: a batch is edited once per image"
@@ -642,10 +651,10 @@ def test_an_edit_or_sequence_after_an_image_for_understanding_only_asks_for_the_
     image then sampled without the picture's VAE tokens (7/20 recolors instead of 19/20), with no error."""
     _, ctx = tasks.understand(tiny_model, Q, image=picture, settings=SHORT)
     with pytest.raises(ContextError, match="understanding only.*connect the image to the edit"):
-        tasks.edit_image(tiny_model, None, "make the circle green", context=ctx)
+        tasks.edit_images(tiny_model, None, "make the circle green", context=ctx)
     with pytest.raises(ContextError, match="understanding only.*sequence's image input"):
         tasks.generate_sequences(tiny_model, ["move left"], context=ctx)
-    tasks.edit_image(tiny_model, picture, "make the circle green", context=ctx, settings=EDIT)
+    tasks.edit_images(tiny_model, [picture], "make the circle green", context=ctx, settings=EDIT)
     drawn = Context.empty(tiny_model).append_image(picture)  # vae + vit: the chain continues from it
     assert drawn.latest_image_drawable and not ctx.latest_image_drawable
 
@@ -657,6 +666,6 @@ def test_an_image_that_could_not_join_its_context_is_not_sampled(tiny_model, win
     ctx = Context.empty(narrow).append_text(P)
     steps = []
     with pytest.raises(ContextError, match="past the model's window"):
-        tasks.generate_image(narrow, "", context=ctx, settings=EDIT, callback=lambda *a: steps.append(a))
+        tasks.generate_images(narrow, "", context=ctx, settings=EDIT, callback=lambda *a: steps.append(a))
     assert steps == []
-    tasks.generate_image(narrow, "", context=ctx, settings=EDIT, append_result=False)  # one-shot: it fits
+    tasks.generate_images(narrow, "", context=ctx, settings=EDIT, append_result=False)  # one-shot: it fits

@@ -296,7 +296,7 @@ def test_checkpoint_loads_and_runs_a_task_and_resume_continues(cfg, ae, bank, to
     )
     assert isinstance(answer, str)
     few_steps = replace(bagel_model.T2I_SETTINGS, num_steps=3)
-    image, _ = bagel_model.generate_image(model, "a red circle at the top left", settings=few_steps)
+    image = bagel_model.generate_images(model, "a red circle at the top left", settings=few_steps).images[0]
     assert image.size == (48, 48)
 
     fresh = Trainer(_net(cfg, seed=9), ae, cfg, tok_dir, settings, seed=0)

@@ -187,7 +187,7 @@ def _picture(scene: Scene) -> tuple[Item, Item]:
 
 
 def _drawn(scene: Scene, rng: random.Random, s: PlanSettings) -> tuple[Item, ...]:
-    """`generate_image(caption)` with its result appended: caption, target, then the picture."""
+    """`generate_images(caption)` with its result appended: caption, target, then the picture."""
     return Text(_caption(scene, rng, s), cfg=True), Target(scene), *_picture(scene)
 
 
@@ -199,7 +199,7 @@ def edit_plan(rng: random.Random, s: PlanSettings) -> Plan:
 
 
 def chain_plan(rng: random.Random, s: PlanSettings) -> Plan:
-    """Text-to-image, then edits in the same context, each of the latest picture (`edit_image(None, ..)`)."""
+    """Text-to-image, then edits in the same context, each of the latest picture (`edit_images(None, ..)`)."""
     scene = _scene(rng, s)
     items: list[Item] = list(_drawn(scene, rng, s))
     for k in range(rng.randint(*s.chain_edits)):
@@ -214,7 +214,7 @@ def chain_plan(rng: random.Random, s: PlanSettings) -> Plan:
 
 
 def think_plan(rng: random.Random, s: PlanSettings) -> Plan:
-    """`think(mode="generate")` then `generate_image(prompt=None)`: the thought joins the condition, and
+    """`think(mode="generate")` then `generate_images(prompt=None)`: the thought joins the condition, and
     CFG's text-free branch is the system prompt alone, so instruction and thought drop together."""
     ind = sample_indirect(rng)
     return Plan(

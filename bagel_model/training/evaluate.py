@@ -46,7 +46,7 @@ from ..shapes import (
     sample_world,
     view,
 )
-from ..tasks import TextSettings, edit_image, generate_image, generate_sequences, think, understand
+from ..tasks import TextSettings, edit_images, generate_images, generate_sequences, think, understand
 
 EDITS = {f"edit_{kind}": kind for kind in EDIT_KINDS}  # one capability per edit kind
 CAPABILITIES = ("understand", "t2i_1", "t2i_23", *EDITS, "indirect", "think", "motion", "navigate")
@@ -110,7 +110,7 @@ def _t2i(counts):
     def case(model, rng, i, t2i, edit):
         count = rng.choice(counts)
         scene = sample_scene(rng, count, count)
-        image, _ = generate_image(model, describe(scene), settings=t2i, seed=i)
+        image = generate_images(model, describe(scene), settings=t2i, seed=i).images[0]
         return int(read_scene(image) == scene), 1
 
     return case
@@ -120,7 +120,8 @@ def _edit(kind: str):
     def case(model, rng, i, t2i, edit):
         while (e := sample_edit(sample_scene(rng), kind, rng)) is None:
             pass
-        image, _ = edit_image(model, _picture(model, e.before), e.instruction, settings=edit, seed=i)
+        before = _picture(model, e.before)
+        image = edit_images(model, [before], e.instruction, settings=edit, seed=i).images[0]
         return int(edit_correct(e.before, read_scene(image), e.after)), 1
 
     return case
@@ -131,13 +132,13 @@ def _think(model, rng, i, t2i, edit):
     thought, ctx = think(model, ind.prompt, mode="generate", settings=THOUGHT_SETTINGS, seed=i)
     if parse_description(thought) is None:  # no plan to draw: the case fails without drawing
         return 0, 1
-    image, _ = generate_image(model, None, context=ctx, settings=t2i, seed=i)
+    image = generate_images(model, None, context=ctx, settings=t2i, seed=i).images[0]
     return int(read_scene(image) == ind.scene), 1
 
 
 def _indirect(model, rng, i, t2i, edit):
     ind = sample_indirect(rng)
-    image, _ = generate_image(model, ind.prompt, settings=t2i, seed=i)
+    image = generate_images(model, ind.prompt, settings=t2i, seed=i).images[0]
     return int(read_scene(image) == ind.scene), 1
 
 

@@ -40,8 +40,10 @@ model = managed.ready()
 plain = lib.load(lib.bundled.default_model_dir())
 settings = lib.FlowSettings(num_steps=5)
 prompt = "a red circle at the top left, a blue square at the center"
-image, ctx = lib.generate_image(model, prompt, settings=settings, seed=3)
-image_plain, ctx_plain = lib.generate_image(plain, prompt, settings=settings, seed=3)
+out = lib.generate_images(model, prompt, settings=settings, seed=3)
+image, ctx = out.images[0], out.contexts[0]
+out = lib.generate_images(plain, prompt, settings=settings, seed=3)
+image_plain, ctx_plain = out.images[0], out.contexts[0]
 question = "what is at the top left?"
 print(json.dumps({
     "lazy": comfy.ops.disable_weight_init.Linear(3, 2).weight is None,

@@ -43,13 +43,13 @@ logging.getLogger().setLevel(logging.INFO)
 settings = lib.FlowSettings(num_steps=5)
 prompt = "a red circle at the top left, a blue square at the center"
 model = managed.ready()
-full, _ = lib.generate_image(model, prompt, settings=settings, seed=3)
+full = lib.generate_images(model, prompt, settings=settings, seed=3).images[0]
 casting = sum(1 for m in model.modules() if getattr(m, "comfy_cast_weights", False))
 
 patcher = managed.patcher
 patcher.unpatch_model(patcher.offload_device)
 patcher.load(torch.device("cpu"), lowvram_model_memory=2 * 1024 * 1024)
-partial, _ = lib.generate_image(model, prompt, settings=settings, seed=3)
+partial = lib.generate_images(model, prompt, settings=settings, seed=3).images[0]
 print(json.dumps({
     "lowvram": bool(patcher.model.model_lowvram),
     "casting_before": casting,
