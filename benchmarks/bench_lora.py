@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,17 +34,20 @@ from bagel_model.checkpoint import load  # noqa: E402
 from bagel_model.shapes import (  # noqa: E402
     COLORS,
     EDIT_KINDS,
+    SHAPES,
     Obj,
     Scene,
     describe,
     legal_moves,
     move_window,
+    questions,
     read_scene,
     render,
     sample_edit,
     sample_motion,
     sample_scene,
     sample_world,
+    shape_is_unique,
     view,
 )
 from bagel_model.tasks import edit_images, generate_images  # noqa: E402
@@ -95,11 +99,24 @@ def paint_case(rng: random.Random) -> tuple[Scene, str, Scene]:
             return scene, f"{PAINT} {color}", after
 
 
+def reshape_case(rng: random.Random) -> tuple[Scene, str, Scene]:
+    """ "turn the <shape> into a <other shape>": the world's edits change color, place and presence, never
+    shape; the object named by its (unique) shape changes shape in place, the others stay."""
+    while True:
+        scene = sample_scene(rng)
+        named = [o for o in scene.objects if shape_is_unique(scene, o)]
+        if named:
+            obj = rng.choice(named)
+            new = rng.choice([s for s in SHAPES if s != obj.shape])
+            after = scene.replace(obj, Obj(obj.color, new, obj.cell))
+            return scene, f"turn the {obj.shape} into a {new}", after
+
+
 def caption(scene: Scene) -> str:
     return describe(scene).replace(COLOR, WORD)
 
 
-CONCEPTS = ("azure", "mirror", "paint")
+CONCEPTS = ("azure", "mirror", "paint", "reshape")
 
 
 def write_data(folder: Path, concepts: list[str], n: int, size: int, seed: int) -> None:
@@ -120,6 +137,9 @@ def write_data(folder: Path, concepts: list[str], n: int, size: int, seed: int) 
             render(before, size).save(folder / f"paint_{i:03d}_src.png")
             render(after, size).save(folder / f"paint_{i:03d}_tgt.png")
             (folder / f"paint_{i:03d}.txt").write_text(instruction)
+        before, instruction, after = reshape_case(rng)
+        if "reshape" in concepts:
+            _pair(folder, f"reshape_{i:03d}", before, after, instruction, size)
 
 
 def _pair(folder: Path, stem: str, before: Scene, after: Scene, text: str, size: int) -> None:
@@ -128,11 +148,11 @@ def _pair(folder: Path, stem: str, before: Scene, after: Scene, text: str, size:
     (folder / f"{stem}.txt").write_text(text)
 
 
-def write_preservation(folder: Path, n: int, size: int, seed: int) -> None:
+def write_preservation(folder: Path, n: int, size: int, seed: int, answers: bool) -> None:
     """Prior preservation (kohya's regularization images): n each of what the model already does, drawn by
-    the world: an ordinary edit, a recolor, a caption, a motion step and a navigation move (one frame after
-    another is laid out as an edit), so that an adapter for one instruction learns that instruction rather
-    than "always do this" to every picture it draws."""
+    the world: an ordinary edit, a recolor, a caption, a question, a motion step and a navigation move (one
+    frame after another is laid out as an edit), so that an adapter for one instruction learns that
+    instruction rather than "always do this" to every picture it draws."""
     rng = random.Random(seed)
     for i in range(n):
         edit = None
@@ -150,6 +170,12 @@ def write_preservation(folder: Path, n: int, size: int, seed: int) -> None:
         while motion is None:
             motion = sample_motion(sample_scene(rng), rng)
         _pair(folder, f"keep_motion_{i:03d}", motion.frames[0], motion.frames[1], motion.instruction, size)
+        scene = sample_scene(rng)
+        qa = rng.choice(questions(scene))
+        if answers:  # only an adapter of the understanding expert learns from answers
+            render(scene, size).save(folder / f"keep_qa_{i:03d}.png")
+            text = json.dumps({"question": qa.question, "answer": qa.answer})
+            (folder / f"keep_qa_{i:03d}.qa.json").write_text(text)
         world, window = sample_world(rng), (rng.randint(0, 2), rng.randint(0, 2))
         move = rng.choice(legal_moves(window))
         _pair(
@@ -176,6 +202,9 @@ def new_rows(model, n: int, size: int, seed: int) -> dict[str, float]:
         before, instruction, after = paint_case(rng)
         image = edit_images(model, [render(before, size)], instruction, seed=i).images[0]
         right["paint"] += read_scene(image) == after
+        before, instruction, after = reshape_case(rng)
+        image = edit_images(model, [render(before, size)], instruction, seed=i).images[0]
+        right["reshape"] += read_scene(image) == after
     return {k: v / n for k, v in right.items()}
 
 
@@ -204,8 +233,9 @@ def main() -> None:
     model = load(default_model_dir())
     size = model.config.inference.default_height
     data = args.out / "data"
+    shutil.rmtree(data, ignore_errors=True)  # a folder of an earlier run would add its examples
     write_data(data, args.concepts.split(","), args.examples, size, seed=1)
-    write_preservation(data, args.preserve, size, seed=2)
+    write_preservation(data, args.preserve, size, seed=2, answers=args.targets != "gen")
     examples = read_folder(data, model.config)
     report: dict = {"examples": examples.counts, "n": args.n}
 
