@@ -84,7 +84,12 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
 def test_node_lists_only_peft_adapters(models):
     info = models.get_json("/object_info/BAGELLoraLoader")["BAGELLoraLoader"]
     assert info["display_name"] == "BAGEL LoRA Loader"
-    assert info["input"]["required"]["lora_name"][0] == [ADAPTER]
+    listed = info["input"]["required"]["lora_name"][0]
+    # Other tests of this server may have trained adapters into the same folder (Train LoRA): every name
+    # listed is a PEFT folder's weights, ours among them, and the other model's LoRA file is not.
+    assert ADAPTER in listed and "sdxl_style.safetensors" not in listed
+    loras = models.base / "models" / "loras"
+    assert all((loras / name).parent.joinpath("adapter_config.json").is_file() for name in listed)
 
 
 def test_lora_patches_apply_stack_and_come_off_when_bypassed(models):
