@@ -164,7 +164,7 @@ class Adapters(nn.Module):
         extra = sorted(set(by_key) - set(self.names))
         if missing or extra:
             raise ValueError(
-                f"the adapter in {folder} adapts other layers than --targets {'+'.join(self.experts)} "
+                f"the adapter in {folder} adapts other layers than targets {'+'.join(self.experts)} "
                 f"({len(missing)} missing, {len(extra)} extra): resume with the targets it was trained with"
             )
         for name, f in zip(self.names, self.factors, strict=True):

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -185,12 +186,11 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.generators = self._generators()
-        mean = lambda values: sum(values) / len(values)  # noqa: E731
         return {
             "step": self.step,
-            "loss": mean([float(r.loss.detach()) for r in rows]),
-            "mse": mean([float(r.mse) for r in rows]),
-            "ce": mean([float(r.ce) for r in rows]),
+            "loss": fmean(float(r.loss.detach()) for r in rows),
+            "mse": fmean(float(r.mse) for r in rows),
+            "ce": fmean(float(r.ce) for r in rows),
         }
 
     def save(self) -> Path:
@@ -218,7 +218,7 @@ class _Run:
         state = torch.load(state_file, weights_only=False)
         saved = {k: v for k, v in state["settings"].items() if k not in ("steps", "save_every")}
         ours = {k: v for k, v in asdict(self.s).items() if k not in ("steps", "save_every")}
-        changed = sorted(k for k in ours if k in saved and _as_list(saved[k]) != _as_list(ours[k]))
+        changed = sorted(k for k in ours if k in saved and saved[k] != ours[k])
         if changed:
             was = ", ".join(f"{k} {saved[k]}" for k in changed)
             raise ValueError(
@@ -228,10 +228,6 @@ class _Run:
         self.opt.load_state_dict(state["optimizer"])
         self._restore_generators(state["generators"])
         self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, tuple | list) else value
 
 
 def train_lora(
@@ -248,17 +244,18 @@ def train_lora(
     `resume`: an adapter folder to start from (this run's `out` to continue it). `callback` hears each
     step; an exception it raises (an interrupt) stops the run after saving what was trained, then
     propagates. The model is left as it was given: hooks removed, parameters' grad flags restored."""
-    run = _Run(model, examples, settings, Path(out))
     net = model.net
     trainable = [p for p in net.parameters() if p.requires_grad]
+    decoder = net.language_model.model
+    checkpointing = decoder.gradient_checkpointing
     devices = [net.device] if net.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(settings.seed + 3)  # LoRA dropout
-        run.generators = run._generators()
+        run = _Run(model, examples, settings, Path(out))
         if resume is not None:
             run.resume(Path(resume))
         net.requires_grad_(False)
-        net.language_model.model.gradient_checkpointing = settings.gradient_checkpointing
+        decoder.gradient_checkpointing = settings.gradient_checkpointing
         run.adapters.attach()
         try:
             while run.step < settings.steps:
@@ -275,7 +272,7 @@ def train_lora(
             run.opt.zero_grad(set_to_none=True)
             path = run.save()
             run.adapters.detach()
-            net.language_model.model.gradient_checkpointing = False
+            decoder.gradient_checkpointing = checkpointing
             for p in trainable:
                 p.requires_grad_(True)
     return TrainResult(path, run.step, run.history)

@@ -104,22 +104,26 @@ def _turns(path: Path) -> list[tuple[str, str]]:
 class _Reader:
     """Collects examples and problems while the folder's files are matched up."""
 
-    def __init__(self, folder: Path, limits: ImageLimits):
-        self.folder, self.limits = folder, limits
+    def __init__(self, limits: ImageLimits):
+        self.limits = limits
         self.plans: list[Plan] = []
         self.problems: list[str] = []
 
     def fail(self, path: Path, why: str) -> None:
         self.problems.append(f"{path.name}: {why}")
 
-    def picture(self, path: Path, size: tuple[int, int] | None = None) -> ImageFile | None:
-        """The file as shown at `size` (default: its size after the training resize), or None (reported)."""
+    def size(self, path: Path) -> tuple[int, int] | None:
+        """The (width, height) of the image file, or None (reported) when it does not open."""
         try:
-            image = _open(path)
+            return _open(path).size
         except (OSError, UnidentifiedImageError, ValueError) as e:
             self.fail(path, f"cannot be read as an image ({e})")
             return None
-        return ImageFile(path, size or resize_dims(image.width, image.height, self.limits))
+
+    def picture(self, path: Path) -> ImageFile | None:
+        """The file as shown after the training resize, or None (reported)."""
+        size = self.size(path)
+        return None if size is None else ImageFile(path, resize_dims(*size, self.limits))
 
     def read(self, path: Path, parse) -> object | None:
         try:
@@ -134,18 +138,19 @@ class _Reader:
             self.plans.append(Plan("t2i", (Text(text, cfg=True), Target(picture))))
 
     def edit(self, source: Path, target: Path, instruction: Path) -> None:
-        before, text = self.picture(source), self.read(instruction, _text)
-        after = self.picture(target, before.size if before else None)
-        if not (before and after and text):
+        """The target is shown at its source's size: the size an edit draws at."""
+        a, b, text = self.size(source), self.size(target), self.read(instruction, _text)
+        if not (a and b and text):
             return
-        with Image.open(source) as a, Image.open(target) as b:
-            (wa, ha), (wb, hb) = a.size, b.size
+        (wa, ha), (wb, hb) = a, b
         if abs(wa / ha - wb / hb) > 0.02:
             self.fail(
                 target,
                 f"is {wb}x{hb} but its source {source.name} is {wa}x{ha}: an edit pair needs one shape",
             )
             return
+        shown = resize_dims(wa, ha, self.limits)
+        before, after = ImageFile(source, shown), ImageFile(target, shown)
         self.plans.append(
             Plan("edit", (Vae(before, cfg=True), Vit(before, cfg=True), Text(text, cfg=True), Target(after)))
         )
@@ -176,7 +181,7 @@ def read_folder(folder: Path | str, cfg: BagelConfig, resolution: int = 512) -> 
         raise DataError(f"data folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     stems = _by_stem(files)
-    reader = _Reader(folder, training_limits(cfg, resolution))
+    reader = _Reader(training_limits(cfg, resolution))
     images = {
         stem: next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None) for stem, parts in stems.items()
     }
