@@ -205,6 +205,20 @@ def test_demo_runs_every_task_on_the_bundled_model(capsys, tmp_path):
     assert navigation_consistent(read["move_right"], read["move_down"], "move down")
 
 
+def test_bench_shapes_reports_same_shape_recolors_on_their_own(capsys, tmp_path):
+    """The capability table has a row for recolors of one of two objects of a shape, beside the plain
+    recolor row, with the edit target; a short run (2 cases, 8 steps) on the bundled model checks the
+    table's form, not the model (the card's numbers are `--n 50` at 50 steps)."""
+    table = _json(capsys, "bench-shapes", "--n", 2, "--steps", 8, "--out", tmp_path / "table.json")
+    assert table == json.loads((tmp_path / "table.json").read_text())
+    rows = {row["capability"]: row for row in table["rows"]}
+    assert list(rows)[3:5] == ["editing: recolor", "editing: recolor, shape shared"]
+    shared = rows["editing: recolor, shape shared"]
+    assert shared["metric"] == rows["editing: recolor"]["metric"] and shared["target"] == 0.85
+    assert shared["score"] in (0.0, 0.5, 1.0) and shared["met"] is (shared["score"] >= 0.85)
+    assert "indirect prompts with thinking" not in rows  # --think adds it
+
+
 # -- errors -------------------------------------------------------------------------------------------
 
 

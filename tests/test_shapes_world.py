@@ -236,6 +236,7 @@ def test_indirect_prompt_and_thought_follow_the_spec_example():
 
 INSTRUCTION = {
     "recolor": r"make the (\w+) (\w+)",
+    "recolor_shared": r"make the (\w+) (\w+) (\w+)",
     "move": r"move the (\w+) (\w+) to the ([a-z ]+)",
     "add": r"add a (\w+) (\w+) at the ([a-z ]+)",
     "remove": r"remove the (\w+)",
@@ -253,13 +254,17 @@ def test_every_edit_changes_exactly_one_object(kind):
         assert re.fullmatch(INSTRUCTION[kind], edit.instruction)
         gone = set(edit.before.objects) - set(edit.after.objects)
         new = set(edit.after.objects) - set(edit.before.objects)
-        assert (len(gone), len(new)) == {"recolor": (1, 1), "move": (1, 1), "add": (0, 1), "remove": (1, 0)}[
-            kind
-        ]
+        changes = {"recolor": (1, 1), "recolor_shared": (1, 1), "move": (1, 1), "add": (0, 1)}
+        assert (len(gone), len(new)) == changes.get(kind, (1, 0))
         assert 1 <= len(edit.after.objects) <= 3
-        if kind == "recolor":
+        if kind.startswith("recolor"):
             (old,), (obj,) = gone, new
             assert (old.shape, old.cell) == (obj.shape, obj.cell) and edit.instruction.endswith(obj.color)
+            twins = [o for o in edit.before.objects if o.shape == old.shape and o != old]
+            assert bool(twins) is (kind == "recolor_shared")  # named by color exactly when shared
+            if twins:  # the instruction names the one object of its color and shape
+                assert edit.instruction.startswith(f"make the {old.color} {old.shape} ")
+                assert all(t.color != old.color for t in twins)
         if kind == "move":
             (old,), (obj,) = gone, new
             assert (old.color, old.shape) == (obj.color, obj.shape) and edit.instruction.endswith(obj.cell)

@@ -6,8 +6,9 @@ decoding) on scenes drawn from a seed the training stream never uses, and grades
 
 - understand: exact answer to one canonical question per image (every question kind equally often);
 - t2i_1, t2i_23: the read image equals the canonical caption's scene (1 object; 2 or 3 objects);
-- edit_<kind>: the changed object is right and every other cell unchanged, per edit kind (recolor, move,
-  add, remove);
+- edit_<kind>: the changed object is right and every other cell unchanged, per edit kind (recolor,
+  recolor_shared: the recolor of one of two objects of a shape, named by color and shape; move, add,
+  remove);
 - think: plan with `think(mode="generate")`, then draw the plan; the image must show the resolved scene;
 - indirect: the indirect prompt drawn directly, without a plan (reported: the baseline for think);
 - motion: the next two frames (fewer at the edge) equal the expected ones (per-frame accuracy);
@@ -51,12 +52,13 @@ from ..tasks import TextSettings, edit_images, generate_images, generate_sequenc
 EDITS = {f"edit_{kind}": kind for kind in EDIT_KINDS}  # one capability per edit kind
 CAPABILITIES = ("understand", "t2i_1", "t2i_23", *EDITS, "indirect", "think", "motion", "navigate")
 _EDIT_METRIC = "changed object right and the others untouched"
+_EDIT_LABELS = {"recolor_shared": "recolor, shape shared"}
 # The capability table (issue #13): what each row measures and its target (None: reported only).
 TABLE = {
     "understand": ("understanding", "exact-answer accuracy over the five question kinds", 0.95),
     "t2i_1": ("text-to-image, 1 object", "scene exactly right (scorer)", 0.95),
     "t2i_23": ("text-to-image, 2-3 objects", "scene exactly right", 0.90),
-    **{name: (f"editing: {kind}", _EDIT_METRIC, 0.85) for name, kind in EDITS.items()},
+    **{name: (f"editing: {_EDIT_LABELS.get(k, k)}", _EDIT_METRIC, 0.85) for name, k in EDITS.items()},
     "indirect": ("indirect prompts without thinking", "scene exactly right", None),
     "think": ("indirect prompts with thinking", "scene exactly right", 0.90),
     "motion": ("motion: next 2 frames", "frames exactly right", 0.80),
