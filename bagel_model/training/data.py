@@ -134,9 +134,9 @@ class PlanSettings:
     max_sequence_steps: int = 3  # frames / moves after the first image
     linger_p: float = 0.3  # motion: add a frame where the mover stays at the edge
     # recolor, recolor_shared, move, add, remove (`EDIT_KINDS`). Recolor leaked the new color onto another
-    # object (5 of 30 held-out recolors of the 48 px model) and was drawn at 0.4 in run 4; then a recolor
-    # naming the color of one of two triangles changed the wrong one, both or neither (a third to a half of
-    # such cases), the form run 4 never saw, so run 5 draws it most.
+    # object (5 of 30 held-out recolors of the 48 px model) and was drawn at 0.4 in run 4; run 4 never saw
+    # a recolor naming the color of one of two objects of a shape and got 9 of 50 such held-out cases
+    # right, so run 5 draws that kind most (50 of 50 after it).
     edit_kinds: tuple[float, float, float, float, float] = (0.25, 0.3, 0.15, 0.15, 0.15)
     chain_edits: tuple[int, int] = (2, 3)  # edits after the text-to-image of a chain plan
     caption_p: float = 0.25  # motion / navigation plans that start from a text-to-image
