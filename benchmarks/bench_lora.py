@@ -1,18 +1,19 @@
-"""LoRA training on the bundled model, measured: teach it a word and an edit it does not know.
+"""LoRA training on the bundled model, measured: teach it a word or an edit it does not know.
 
-1. Writes a data folder in the `train-lora` layout from the shapes world: `--examples` captions that call
-   blue "azure" (`name.png` + `name.txt`), and `--examples` edits "mirror the picture" (left and right
-   columns swapped: `name_src.png` + `name_tgt.png` + `name.txt`).
+1. Writes a data folder in the `train-lora` layout from the shapes world, `--examples` of each concept in
+   `--concepts`: captions that call blue "azure" (`name.png` + `name.txt`), and edits (`name_src.png` +
+   `name_tgt.png` + `name.txt`) "mirror the picture", "paint everything <color>" and "turn the <shape>
+   into a <shape>"; with `--preserve N`, N of each kind of what the model already does (prior
+   preservation).
 2. Trains a LoRA with `python -m bagel_model train-lora` settings (library call, same code).
-3. Scores held-out cases (scenes from another seed) before and after, with the shapes scorer: azure
-   text-to-image (the read scene equals the caption's with azure = blue) and mirror edits (the read
-   image equals the mirrored scene); with `--old-rows`, the capability table of the adapted model too
-   (`bench-shapes` rows), to compare with the base model's.
+3. Scores held-out cases (scenes from another seed) of every concept before and after, with the shapes
+   scorer (the read image equals the asked scene); with `--old-rows`, the capability table of the adapted
+   model too (`bench-shapes` rows), to compare with the base model's card.
 
-    python benchmarks/bench_lora.py --out runs/lora_proof [--steps 600] [--n 50] [--old-rows]
+    python benchmarks/bench_lora.py --out runs/lora_azure --concepts azure --preserve 40 --steps 3000 \
+        --targets gen --timestep-shift 3 [--n 50] [--old-rows]
 
-Writes `<out>/data/`, `<out>/adapter/` and `<out>/report.json`; prints the table.
-"""
+Writes `<out>/data/`, `<out>/adapter/` and `<out>/report.json`; prints the table."""
 
 from __future__ import annotations
 
