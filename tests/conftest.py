@@ -1,11 +1,13 @@
-"""Fixtures shared by the test files: the shared reference folder and what it holds (the official tiny
-checkpoint, its input image, the official key tables), a checkout of the official code, a tiny random
-checkpoint of ours, each model loaded once per session (float32 on CPU), a test picture and a pixel reader.
+"""Fixtures shared by the test files: the official tiny references (a checkpoint written by the official
+code, its input image, the official inferencer's outputs), the official 7B key tables, a checkout of the
+official code, a tiny random checkpoint of ours, each model loaded once per session (float32 on CPU), a test
+picture and a pixel reader.
 
-The shared folder is $BAGEL_SHARED_DIR, or `shared/` beside the repository root; the official checkout is
-$BAGEL_OFFICIAL_DIR. Tests that need either are skipped with the reason when it is absent. The loaded
-models are shared by every test of the session: a test that changes weights must work on a copy
-(`copy.deepcopy(model.net)`).
+The references and key tables a fresh clone needs are in tests/fixtures. The shared folder
+($BAGEL_SHARED_DIR, or `shared/` beside the repository root) adds a second, larger official reference where
+it is present: every test of a reference runs on each. The official checkout is $BAGEL_OFFICIAL_DIR; tests
+that need it are skipped with the reason when it is absent. The loaded models are shared by every test of
+the session: a test that changes weights must work on a copy (`copy.deepcopy(model.net)`).
 
 Helpers are fixtures, not imports: tests/comfyui/ has a conftest of its own, so `from conftest import`
 would find whichever of the two was imported last.
@@ -31,68 +33,63 @@ from bagel_model.tiny import make_tiny
 # Every model here is toy-sized: thread hand-offs cost more than they save (4x slower with 2 threads here).
 torch.set_num_threads(1)
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_DIR = Path(os.environ.get("BAGEL_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not found (set BAGEL_SHARED_DIR to the shared reference directory)")
-    return path
-
-
-def _key_table(path: Path) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v) for k, v in json.loads(_need(path).read_text())["tensors"].items()}
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The shared reference directory ($BAGEL_SHARED_DIR, default `../shared` next to the repo)."""
-    return _need(SHARED_DIR)
-
-
-@pytest.fixture(scope="session")
-def official_tiny(shared_dir: Path) -> Path:
-    """A tiny random checkpoint written by the official BAGEL code (`reference/official_tiny/model`)."""
-    return _need(shared_dir / "reference" / "official_tiny" / "model")
-
-
-@pytest.fixture(scope="session")
-def input_png(official_tiny: Path) -> Path:
-    """The official tiny reference's input image (200x150), the one its recorded outputs were made from."""
-    return _need(official_tiny.parent / "ref" / "input.png")
-
-
-# The official references the parity tests run on: the small one in the repository always (a fresh clone
-# runs them), and the shared one too where it is present (the official image limits: a 512x688 edit).
-PARITY_REFERENCES = {"in_repo": Path(__file__).resolve().parent / "fixtures" / "official_tiny"} | (
+# The official references: the small one in the repository always (a fresh clone runs every test of a
+# reference), and the shared one too where it is present (the official image limits: a 512x688 edit).
+PARITY_REFERENCES = {"in_repo": FIXTURES / "official_tiny"} | (
     {"shared": SHARED_DIR / "reference" / "official_tiny"}
     if (SHARED_DIR / "reference" / "official_tiny" / "model").is_dir()
     else {}
 )
 
 
-@pytest.fixture(scope="session", params=list(PARITY_REFERENCES.values()), ids=list(PARITY_REFERENCES))
-def parity_reference(request: pytest.FixtureRequest) -> Path:
-    """An official tiny reference: `model/` (written by the official classes) and `ref/` (the official
-    inferencer's outputs on it, `results.json`, their input image and initial noise)."""
+def _key_table(path: Path) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in json.loads(path.read_text())["tensors"].items()}
+
+
+@pytest.fixture(scope="session", params=list(PARITY_REFERENCES))
+def reference_name(request: pytest.FixtureRequest) -> str:
+    """Which official tiny reference a test runs on ("in_repo", "shared"): numbers pinned from the official
+    code are kept per reference."""
     return request.param
 
 
 @pytest.fixture(scope="session")
-def parity_model(parity_reference: Path) -> BagelModel:
-    return bagel_model.load(parity_reference / "model")
+def parity_reference(reference_name: str) -> Path:
+    """An official tiny reference: `model/` (written by the official classes) and `ref/` (the official
+    inferencer's outputs on it, `results.json`, their input image and initial noise)."""
+    return PARITY_REFERENCES[reference_name]
 
 
 @pytest.fixture(scope="session")
-def official_7b_keys(shared_dir: Path) -> dict[str, tuple[int, ...]]:
+def official_tiny(parity_reference: Path) -> Path:
+    """The reference's random checkpoint, in the official layout (written by the official BAGEL code)."""
+    return parity_reference / "model"
+
+
+@pytest.fixture(scope="session")
+def input_png(parity_reference: Path) -> Path:
+    """The reference's input image (200x150), the one its recorded outputs were made from."""
+    return parity_reference / "ref" / "input.png"
+
+
+@pytest.fixture(scope="session")
+def official_model(official_tiny: Path) -> BagelModel:
+    return bagel_model.load(official_tiny)
+
+
+@pytest.fixture(scope="session")
+def official_7b_keys() -> dict[str, tuple[int, ...]]:
     """Every tensor of the released BAGEL-7B-MoT `ema.safetensors`: name -> shape."""
-    return _key_table(shared_dir / "reference" / "bagel_ema_keys.json")
+    return _key_table(FIXTURES / "official_keys" / "bagel_ema_keys.json")
 
 
 @pytest.fixture(scope="session")
-def official_ae_keys(shared_dir: Path) -> dict[str, tuple[int, ...]]:
+def official_ae_keys() -> dict[str, tuple[int, ...]]:
     """Every tensor of the released `ae.safetensors` (the FLUX autoencoder): name -> shape."""
-    return _key_table(shared_dir / "reference" / "bagel_ae_keys.json")
+    return _key_table(FIXTURES / "official_keys" / "bagel_ae_keys.json")
 
 
 @pytest.fixture(scope="session")
@@ -115,11 +112,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir: Path) -> BagelModel:
     return bagel_model.load(tiny_dir)
-
-
-@pytest.fixture(scope="session")
-def official_model(official_tiny: Path) -> BagelModel:
-    return bagel_model.load(official_tiny)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from bagel_model.layers.attention import attention
 from bagel_model.layers.decoder import KV, Routing
 from bagel_model.layers.embeddings import apply_rope, rope_cos_sin
+from bagel_model.model import BagelModel
 
 PREFIX = "language_model.model."
 
@@ -459,10 +460,24 @@ class _Sequence:
         return _naive_decoder(self.W, self.model.config.llm, x, positions, is_gen, allowed)
 
 
-@pytest.mark.parametrize("which", ["tiny_model", "official_model"])
-def test_understanding_forward_matches_dense_reference(request, which):
+def test_understanding_forward_matches_dense_reference(tiny_model):
+    _assert_understanding_matches_dense_reference(tiny_model)
+
+
+def test_understanding_forward_on_an_official_checkpoint(official_model):
+    _assert_understanding_matches_dense_reference(official_model)
+
+
+def test_generation_forward_matches_dense_reference(tiny_model):
+    _assert_generation_matches_dense_reference(tiny_model)
+
+
+def test_generation_forward_on_an_official_checkpoint(official_model):
+    _assert_generation_matches_dense_reference(official_model)
+
+
+def _assert_understanding_matches_dense_reference(model: BagelModel) -> None:
     """ViT image, then a question, then `<|im_start|>`: hidden states, K/V and next-token logits."""
-    model = request.getfixturevalue(which)
     seq = _Sequence(model)
     seq.vit_image(2, 3, seed=5)
     seq.text(_text_ids(model, "what color is the circle?"))
@@ -482,10 +497,8 @@ def test_understanding_forward_matches_dense_reference(request, which):
     assert _rel(logits, ref_logits) < 1e-4
 
 
-@pytest.mark.parametrize("which", ["tiny_model", "official_model"])
-def test_generation_forward_matches_dense_reference(request, which):
+def _assert_generation_matches_dense_reference(model: BagelModel) -> None:
     """Prompt, clean context image (VAE at t=0, then ViT), then noisy latents at t=0.7: the velocity."""
-    model = request.getfixturevalue(which)
     seq = _Sequence(model)
     seq.text(_text_ids(model, "make the circle green"))
     seq.vae_image(2, 3, t=0.0, seed=6, advance=True)

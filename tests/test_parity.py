@@ -66,19 +66,19 @@ def _assert_image_close(pixels, out: Image.Image, ref_path, tol: int = 1) -> Non
 
 
 @pytest.mark.parametrize("think", [False, True], ids=["understand", "understand_think"])
-def test_understand(parity_model, results, input_image, think):
+def test_understand(official_model, results, input_image, think):
     r = results["understand_think" if think else "understand"]
     assert r["prompt"] == PROMPT
     answer, _ = tasks.understand(
-        parity_model, PROMPT, image=input_image, think=think, settings=tasks.TextSettings(max_new_tokens=11)
+        official_model, PROMPT, image=input_image, think=think, settings=tasks.TextSettings(max_new_tokens=11)
     )
     assert answer == r["text"]
 
 
-def test_t2i(parity_model, results, ref, pixels):
+def test_t2i(official_model, results, ref, pixels):
     r = results["t2i"]
     image = tasks.generate_images(
-        parity_model,
+        official_model,
         r["prompt"],
         height=r["height"],
         width=r["width"],
@@ -89,22 +89,22 @@ def test_t2i(parity_model, results, ref, pixels):
     _assert_image_close(pixels, image, ref / "t2i.png")
 
 
-def test_edit(parity_model, results, ref, input_image, pixels):
+def test_edit(official_model, results, ref, input_image, pixels):
     r = results["edit"]
     image = tasks.edit_images(
-        parity_model, [input_image], r["prompt"], settings=_settings(r), latents=_latents(ref, "edit")
+        official_model, [input_image], r["prompt"], settings=_settings(r), latents=_latents(ref, "edit")
     ).images[0]
     # the output size is the input's size after the official VAE resize (shared: 200x150 -> 688x512)
     assert image.size == (r["width"], r["height"])
     _assert_image_close(pixels, image, ref / "edit.png")
 
 
-def test_think_t2i(parity_model, results, ref, pixels):
+def test_think_t2i(official_model, results, ref, pixels):
     r = results["think_t2i"]
-    thought, ctx = tasks.think(parity_model, r["prompt"], settings=tasks.TextSettings(max_new_tokens=9))
+    thought, ctx = tasks.think(official_model, r["prompt"], settings=tasks.TextSettings(max_new_tokens=9))
     assert thought == r["thought"]
     image = tasks.generate_images(
-        parity_model,
+        official_model,
         None,
         context=ctx,
         height=r["height"],

@@ -1,9 +1,10 @@
 """SigLIP NaViT encoder: checkpoint layout, the tiny official weights, per-image attention isolation, and
 numbers pinned from the official implementation.
 
-Shared reference files are read from $BAGEL_SHARED_DIR (default: `../shared` next to the repo). The
-in-process comparison with the official BAGEL code runs only when $BAGEL_OFFICIAL_DIR points at a checkout
-of it; the pins in `test_matches_numbers_pinned_from_official` keep a cross-implementation check in CI.
+Each test of the official tiny checkpoints runs on every reference (conftest: the in-repository one, and
+the shared one where present), with numbers pinned per reference. The in-process comparison with the
+official BAGEL code runs only when $BAGEL_OFFICIAL_DIR points at a checkout of it; the pins in
+`test_matches_numbers_pinned_from_official` keep a cross-implementation check in CI.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bagel_model import images
-from bagel_model.config import BAGEL_7B_MOT, ImageLimits, ViTConfig
+from bagel_model.config import BAGEL_7B_MOT, BagelConfig, ViTConfig
 from bagel_model.layers.vit import SiglipVisionModel
+from bagel_model.layout import read_config
 
 PREFIX = "vit_model."
-MAX_PER_SIDE = 70  # vit_max_num_patch_per_side of the released model and of the tiny one
 
 
 def _vit_entries(state: dict) -> dict:
@@ -38,7 +39,14 @@ def tiny_cfg(official_tiny: Path) -> ViTConfig:
 
 @pytest.fixture(scope="module")
 def tiny_sd(official_tiny: Path) -> dict[str, torch.Tensor]:
-    return _vit_entries(load_file(official_tiny / "ema.safetensors"))
+    """The ViT's weights in float32, as the loader reads them (the in-repository file stores bf16)."""
+    return {k: v.float() for k, v in _vit_entries(load_file(official_tiny / "ema.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def model_cfg(official_tiny: Path) -> BagelConfig:
+    """The reference's whole config: its image limits and position-table side prepare the ViT's input."""
+    return read_config(official_tiny)
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +57,28 @@ def tiny_vit(tiny_cfg, tiny_sd) -> SiglipVisionModel:
     return vit.eval().requires_grad_(False)
 
 
-def _input_tokens(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """input.png prepared as the official inferencer does for the app's ViT (VAE resize first)."""
-    _, vit_image = images.prepare_context_image(
-        Image.open(path), BAGEL_7B_MOT.inference.vae_limits, BAGEL_7B_MOT.inference.vit_limits
-    )
-    x = images.to_tensor(vit_image)
-    p = BAGEL_7B_MOT.vit.patch_size
-    ids = images.flattened_position_ids(x.shape[1] // p, x.shape[2] // p, MAX_PER_SIDE)
+def _vit_image(path: Path, cfg: BagelConfig) -> torch.Tensor:
+    """input.png prepared as the official inferencer does for the ViT (VAE resize first), (3, H, W)."""
+    limits = cfg.inference
+    _, vit_image = images.prepare_context_image(Image.open(path), limits.vae_limits, limits.vit_limits)
+    return images.to_tensor(vit_image)
+
+
+def _tokens(x: torch.Tensor, cfg: BagelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches (n, 3 p p) and flattened position ids (n,) of one image (3, H, W)."""
+    p = cfg.vit.patch_size
+    ids = images.flattened_position_ids(x.shape[1] // p, x.shape[2] // p, cfg.vit_max_num_patch_per_side)
     return images.patchify(x, p), ids
 
 
-def _second_tokens(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _input_tokens(path: Path, cfg: BagelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return _tokens(_vit_image(path, cfg), cfg)
+
+
+def _second_tokens(path: Path, cfg: BagelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """A second, differently shaped image (a crop of input.png) to pack after the first."""
-    crop = images.resize(images.to_rgb(Image.open(path).crop((10, 5, 150, 120))), ImageLimits(980, 224, 14))
-    x = images.to_tensor(crop)
-    ids = images.flattened_position_ids(x.shape[1] // 14, x.shape[2] // 14, MAX_PER_SIDE)
-    return images.patchify(x, 14), ids
+    crop = images.resize(images.to_rgb(Image.open(path).crop((10, 5, 150, 120))), cfg.inference.vit_limits)
+    return _tokens(images.to_tensor(crop), cfg)
 
 
 def test_7b_layout_is_the_official_checkpoint(official_7b_keys):
@@ -85,9 +98,9 @@ def test_tiny_official_weights_load_strictly(tiny_cfg, tiny_sd):
     assert tiny_cfg.num_hidden_layers == 2  # vit_config.json lists 3; the last is dropped
 
 
-def test_images_of_a_pack_do_not_see_each_other(tiny_vit, input_png):
-    a, ids_a = _input_tokens(input_png)
-    b, ids_b = _second_tokens(input_png)
+def test_images_of_a_pack_do_not_see_each_other(tiny_vit, input_png, model_cfg):
+    a, ids_a = _input_tokens(input_png, model_cfg)
+    b, ids_b = _second_tokens(input_png, model_cfg)
     with torch.no_grad():
         packed = tiny_vit(torch.cat([a, b]), torch.cat([ids_a, ids_b]), [len(a), len(b)], attn_backend="sdpa")
         alone_a = tiny_vit(a, ids_a, [len(a)])
@@ -97,10 +110,10 @@ def test_images_of_a_pack_do_not_see_each_other(tiny_vit, input_png):
     assert (joint[: len(a)] - alone_a).abs().max() > 1e-3  # one sequence would mix them
 
 
-def test_bf16_runs_and_stays_close(tiny_cfg, tiny_sd, input_png):
+def test_bf16_runs_and_stays_close(tiny_cfg, tiny_sd, input_png, model_cfg):
     vit = SiglipVisionModel(tiny_cfg).eval()
     vit.load_state_dict(tiny_sd)
-    a, ids = _input_tokens(input_png)
+    a, ids = _input_tokens(input_png, model_cfg)
     with torch.no_grad():
         ref = vit(a, ids, [len(a)])
         out = vit.to(torch.bfloat16)(a, ids, [len(a)])  # fp32 patches are cast to the weights' dtype
@@ -120,27 +133,35 @@ def test_bad_inputs_are_reported(tiny_vit, tiny_cfg):
 
 
 # Computed once from the official BAGEL `modeling/bagel/siglip_navit.py` (ByteDance-Seed/Bagel @056b5fd),
-# run in-process in fp32 on CPU with the tiny checkpoint, flash_attn_varlen_func replaced by exact per-image
-# SDPA and its bf16 casts of q/k/v lifted (the `official` fixture below), on input.png prepared by
-# `_input_tokens` (the official patchify and position ids give identical tokens): output rows 0, 1000 and
-# 1812, first 4 features, and the sum over the whole (1813, 32) output. Our fp32 output matched the official
-# one exactly (max abs error 0.0) on that image and on a two-image pack.
+# run in-process in fp32 on CPU with each reference's checkpoint, flash_attn_varlen_func replaced by exact
+# per-image SDPA and its bf16 casts of q/k/v lifted (the `official` fixture below), on input.png prepared by
+# `_input_tokens` with the reference's limits (the official patchify and position ids give identical
+# tokens): the token count, three output rows' first 4 features, and the sum over the whole output. Our
+# fp32 output is within 1e-6 of the official one on a two-image pack (`test_matches_official_module`).
+PINNED_TOKENS = {"in_repo": 14 * 10, "shared": 49 * 37}  # ViT patches: of a 196x140 image, of a 686x518 one
 PINNED_ROWS = {
-    0: [1.01207018, 0.38106379, -0.38945124, 0.79918927],
-    1000: [1.06712711, 0.39943862, -0.41384763, 0.74563462],
-    1812: [0.95773721, 0.38545614, -0.40487865, 0.79083329],
+    "in_repo": {
+        0: [0.3874934, 0.48562774, -0.48606715, 1.47048748],
+        70: [0.29013947, 0.45901725, -0.46897286, 1.51202083],
+        139: [0.4126339, 0.43943155, -0.4499816, 1.51981974],
+    },
+    "shared": {
+        0: [1.01207018, 0.38106379, -0.38945124, 0.79918927],
+        1000: [1.06712711, 0.39943862, -0.41384763, 0.74563462],
+        1812: [0.95773721, 0.38545614, -0.40487865, 0.79083329],
+    },
 }
-PINNED_SUM = 59776.1484375
+PINNED_SUM = {"in_repo": 2245.10009765625, "shared": 59776.1484375}
 
 
-def test_matches_numbers_pinned_from_official(tiny_vit, input_png):
-    tokens, ids = _input_tokens(input_png)
-    assert tokens.shape == (49 * 37, 588)  # 686x518 ViT image
+def test_matches_numbers_pinned_from_official(tiny_vit, input_png, model_cfg, reference_name):
+    tokens, ids = _input_tokens(input_png, model_cfg)
+    assert tokens.shape == (PINNED_TOKENS[reference_name], 3 * model_cfg.vit.patch_size**2)
     with torch.no_grad():
         out = tiny_vit(tokens, ids, [len(tokens)])
-    for row, values in PINNED_ROWS.items():
+    for row, values in PINNED_ROWS[reference_name].items():
         torch.testing.assert_close(out[row, :4], torch.tensor(values), rtol=0, atol=1e-5)
-    assert out.sum().item() == pytest.approx(PINNED_SUM, rel=1e-5)
+    assert out.sum().item() == pytest.approx(PINNED_SUM[reference_name], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,7 +216,7 @@ def official(monkeypatch, official_dir):
         del sys.modules[name]
 
 
-def test_matches_official_module(official, tiny_vit, tiny_sd, official_tiny, input_png):
+def test_matches_official_module(official, tiny_vit, tiny_sd, official_tiny, input_png, model_cfg):
     navit, data_utils = official
     cfg = navit.SiglipVisionConfig.from_json_file(str(official_tiny / "vit_config.json"))
     cfg.rope = False
@@ -206,17 +227,14 @@ def test_matches_official_module(official, tiny_vit, tiny_sd, official_tiny, inp
     ref.eval()
 
     # Our preprocessing of the tokens equals the official patchify and position ids.
-    a, ids_a = _input_tokens(input_png)
-    _, vit_image = images.prepare_context_image(
-        data_utils.pil_img2rgb(Image.open(input_png)), ImageLimits(1024, 512, 16), ImageLimits(980, 224, 14)
-    )
-    x = images.to_tensor(vit_image)
-    assert torch.equal(data_utils.patchify(x, 14), a)
-    assert torch.equal(
-        data_utils.get_flattened_position_ids_extrapolate(x.shape[1], x.shape[2], 14, MAX_PER_SIDE), ids_a
-    )
+    a, ids_a = _input_tokens(input_png, model_cfg)
+    x = _vit_image(input_png, model_cfg)
+    p, side = model_cfg.vit.patch_size, model_cfg.vit_max_num_patch_per_side
+    assert torch.equal(data_utils.patchify(x, p), a)
+    official_ids = data_utils.get_flattened_position_ids_extrapolate(x.shape[1], x.shape[2], p, side)
+    assert torch.equal(official_ids, ids_a)
 
-    b, ids_b = _second_tokens(input_png)
+    b, ids_b = _second_tokens(input_png, model_cfg)
     lens = [len(a), len(b)]
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
     with torch.no_grad():
