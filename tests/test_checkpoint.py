@@ -135,9 +135,9 @@ def test_official_tiny_loads_strictly_with_sincos_tables(official_tiny, official
     latent_side, vit_side = TABLE_SIDES[reference_name]
     assert (cfg.max_latent_size, cfg.vit_max_num_patch_per_side) == (latent_side, vit_side)
     d = cfg.llm.hidden_size
+    stored = file[LATENT_TABLE].dtype  # the in-repository checkpoint stores bf16, the shared one fp32
     for table, side in ((net.latent_pos_embed, latent_side), (net.vit_pos_embed, vit_side)):
-        stored = sincos_2d_table(d, side).to(file[LATENT_TABLE].dtype)  # the in-repository one is bf16
-        assert torch.equal(table.pos_embed, stored.to(table.pos_embed.dtype))
+        assert torch.equal(table.pos_embed, sincos_2d_table(d, side).to(stored).to(table.pos_embed.dtype))
     added = json.loads((official_tiny / "tokenizer.json").read_text())["added_tokens"]
     vocab = {t["content"]: t["id"] for t in added}
     assert official_model.tokenizer.markers == MarkerIds(*(vocab[m] for m in MARKERS))

@@ -34,8 +34,8 @@ def results(ref):
 
 
 @pytest.fixture(scope="module")
-def input_image(ref):
-    with Image.open(ref / "input.png") as im:
+def input_image(input_png):
+    with Image.open(input_png) as im:
         return im.convert("RGB")
 
 

@@ -228,7 +228,11 @@ def test_matches_official_module(official, tiny_vit, tiny_sd, official_tiny, inp
 
     # Our preprocessing of the tokens equals the official patchify and position ids.
     a, ids_a = _input_tokens(input_png, model_cfg)
-    x = _vit_image(input_png, model_cfg)
+    limits = model_cfg.inference
+    _, vit_image = images.prepare_context_image(
+        data_utils.pil_img2rgb(Image.open(input_png)), limits.vae_limits, limits.vit_limits
+    )
+    x = images.to_tensor(vit_image)
     p, side = model_cfg.vit.patch_size, model_cfg.vit_max_num_patch_per_side
     assert torch.equal(data_utils.patchify(x, p), a)
     official_ids = data_utils.get_flattened_position_ids_extrapolate(x.shape[1], x.shape[2], p, side)
